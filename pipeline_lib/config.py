@@ -83,6 +83,13 @@ class BootstrapConfig(Section):
         description="'tiny' (embedded default, trained here) or a Hugging Face id or local path.",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `model`, if any.")
+    prompt_template: Literal["raw", "chat"] = Field(
+        "raw", description="'raw': the problem text as is; 'chat': the model's chat template."
+    )
+    instruction: str = Field(
+        "Solve the problem. Put the final answer in \\boxed{}.",
+        description="Appended to the problem under the 'chat' template.",
+    )
     tiny: TinyModelParams = TinyModelParams()
     sft: SFTParams = SFTParams()
     output_dir: str = Field("models/start", description="Checkpoint directory of the policy.")
@@ -116,6 +123,7 @@ class TrainConfig(Section):
     reward_extraction: Literal["boxed", "answer_line", "last_number"] = "last_number"
     eval_every: int = Field(25, gt=0, description="Steps between held-out accuracy checks.")
     eval_prompts: int = Field(300, gt=0, description="Held-out prompts per check.")
+    eval_samples: int = Field(2, gt=0, description="Samples per held-out prompt per check.")
     checkpoint_every: int = Field(1, gt=0, description="Steps between resumable checkpoints.")
     output_dir: str = Field("models/trained")
 

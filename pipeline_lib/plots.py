@@ -128,6 +128,7 @@ def training_curves(
     fig = Figure(figsize=(4.5 * len(metrics), 3.8), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
+        banded = False
         for colour_index, strategy in enumerate(strategies):
             rows = steps_table.loc[steps_table[by] == strategy, [x, metric]].dropna()
             if rows.empty:
@@ -137,8 +138,9 @@ def training_curves(
             ax.plot(stats.index, stats["mean"], color=colour, label=str(strategy))
             if (stats["count"] > 1).any():
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.2)
+                banded = True
         ax.set_title(metric)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-        ax.legend(title=by)
+        ax.legend(title=f"{by} (mean, min-max band)" if banded else by)
     return fig

@@ -13,8 +13,10 @@ Two paths, chosen by `AnswerExtraction`:
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -33,6 +35,7 @@ from pathlib import Path
 __all__ = [
     "AnswerExtraction",
     "RewardGrader",
+    "default_grader",
     "extract_answer",
     "extract_boxed",
     "grade_batch",
@@ -47,7 +50,7 @@ class AnswerExtraction(StrEnum):
     BOXED = "boxed"
     """The last `\\boxed{...}` (or `\\fbox{...}`); graded with math-verify."""
     ANSWER_LINE = "answer_line"
-    """The number after the last `Answer:` (or GSM8K's `####`), else the last box's number."""
+    """The number after the last `Answer:` / `answer is` / GSM8K's `####`, else the last box."""
     LAST_NUMBER = "last_number"
     """The last number anywhere in the text (synthetic arithmetic: `12+345=357`)."""
 
@@ -55,6 +58,16 @@ class AnswerExtraction(StrEnum):
 # Answers longer than this are compared as text only: no MATH answer is this long, and
 # handing megabytes of model output to sympy only buys a timeout and a worker respawn.
 MAX_SYMBOLIC_ANSWER_CHARS = 1_000
+# Brackets nested deeper than this send sympy's parser into minutes of work, and no real
+# answer nests this deep.
+MAX_SYMBOLIC_NESTING = 30
+# Caps a worker's address space: "9999999999^{9999999999}" would otherwise grow a
+# multi-GB integer until the time limit struck. A warm worker uses about 100 MB.
+WORKER_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
+# CPU seconds beyond its time limit after which a busy worker kills itself (see
+# `_limit_cpu_time`); only matters when the parent is gone.
+WORKER_CPU_BACKSTOP_S = 10.0
 
 # A worker imports sympy and math-verify before it is ready (1-5 s on a loaded machine).
 WORKER_START_TIMEOUT_S = 120.0
@@ -65,11 +78,12 @@ _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)\b")
 _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])[-\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<!\d)\.\d+"
 )
-_ANSWER_MARKER = re.compile(r"(?:\banswer\s*(?:is\s*)?[:=]|####)", re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"\banswer\s*(?:is\b\s*:?|[:=])|####", re.IGNORECASE)
 _NUMBER_AFTER_MARKER = re.compile(r"[\s$*\\(]*(" + _NUMBER.pattern + ")")
 _CHOICE = re.compile(r"\(?([A-E])\)?")
 _CHOICE_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 _WHITESPACE = re.compile(r"\s+")
+_SIZED_DELIMITER = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
 _PERCENT_SUFFIX = re.compile(r"\s*\\?%\s*$")
 
 
@@ -94,14 +108,18 @@ def extract_boxed(text: str) -> str | None:
         token = re.match(r"[^\s$]+", text[start:])
         return token.group(0) if token else None
     depth = 0
-    for position in range(start, len(text)):
+    position = start
+    while position < len(text):
         char = text[position]
-        if char == "{":
+        if char == "\\":  # \{ and \} are literal braces (a set), not grouping
+            position += 1
+        elif char == "{":
             depth += 1
         elif char == "}":
             depth -= 1
             if depth == 0:
                 return text[start + 1 : position].strip()
+        position += 1
     return None
 
 
@@ -124,7 +142,9 @@ def _answer_line_number(text: str) -> str | None:
     # Models asked for "Answer: N" often box it instead; the box is still a final answer,
     # unlike the last number of a rambling text.
     boxed = extract_boxed(text)
-    return None if boxed is None else _last_number(boxed)
+    if boxed is None or _parse_number(boxed) is None:
+        return boxed
+    return _canonical_number_text(boxed.strip().strip("$").strip())
 
 
 def _canonical_number_text(number: str) -> str:
@@ -183,8 +203,8 @@ def _same_latex_text(answer: str, reference: str) -> bool:
     """Identical up to whitespace and `\\dfrac`/`\\tfrac`: equal without asking sympy."""
 
     def normalize(latex: str) -> str:
-        latex = latex.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-        return _WHITESPACE.sub("", latex.replace("\\left", "").replace("\\right", ""))
+        latex = _SIZED_DELIMITER.sub("", latex).replace("\\dfrac", "\\frac")
+        return _WHITESPACE.sub("", latex.replace("\\tfrac", "\\frac"))
 
     return normalize(answer) == normalize(reference)
 
@@ -224,12 +244,23 @@ def _boxed_reward_without_sympy(answer: str | None, reference: str) -> float | N
         return 0.0
     if _same_latex_text(answer, reference):
         return 1.0
-    reference_choice = _choice_letter(reference)
-    if reference_choice is not None:
-        return float(_choice_letter(answer) == reference_choice)
-    if len(answer) > MAX_SYMBOLIC_ANSWER_CHARS:
+    answer_choice, reference_choice = _choice_letter(answer), _choice_letter(reference)
+    if answer_choice is not None and reference_choice is not None:
+        return float(answer_choice == reference_choice)
+    if len(answer) > MAX_SYMBOLIC_ANSWER_CHARS or _nesting_depth(answer) > MAX_SYMBOLIC_NESTING:
         return 0.0
     return None
+
+
+def _nesting_depth(latex: str) -> int:
+    depth = deepest = 0
+    for char in latex:
+        if char in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")}]":
+            depth -= 1
+    return deepest
 
 
 # --- process pool with a hard time limit -----------------------------------------------
@@ -255,11 +286,12 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
 def _serve(fd: int) -> None:
-    """Worker loop: grade (task_id, answer, reference) messages on socket `fd` until EOF."""
+    """Worker loop: grade (task_id, answer, reference, timeout_s) messages on socket `fd`."""
     import logging
 
     # The parent decides the worker's lifetime (Ctrl-C reaches it, and it kills us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_LIMIT_BYTES, WORKER_MEMORY_LIMIT_BYTES))
     # math-verify logs every unparsable answer; model output makes that a flood.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     conn = Connection(fd)
@@ -270,14 +302,30 @@ def _serve(fd: int) -> None:
     conn.send(_READY)
     while True:
         try:
-            task_id, answer, reference = conn.recv()
-        except EOFError:
+            task_id, answer, reference, timeout_s = conn.recv()
+        except EOFError:  # the parent closed the socket or died: nothing left to grade
             return
+        _limit_cpu_time(timeout_s + WORKER_CPU_BACKSTOP_S)
         try:
             score = _symbolic_reward(answer, reference)
         except Exception:  # noqa: BLE001  (any failure to grade is a wrong answer)
             score = 0.0
         conn.send((task_id, score))
+
+
+def _limit_cpu_time(seconds: float) -> None:
+    """Have the kernel kill this process (SIGXCPU) after `seconds` more CPU time.
+
+    The parent kills a worker at the time limit; this backstop covers a parent that died
+    (SIGKILL, OOM) while its worker was busy: sympy holds the GIL inside one huge
+    integer operation, so no thread or signal handler in the worker could end it.
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
 @dataclass
@@ -325,11 +373,15 @@ class RewardGrader:
     One process per slot, talking over a socket; an answer that overruns its limit scores
     0.0 and its worker is killed and replaced, so a hung sympy can stall neither the
     caller nor the other slots. Safe to call from any thread (calls are serialised).
-    Workers start on first use (about 2 s) and live until `close()`, garbage collection
-    or interpreter exit.
+    Workers start on first use (about 3 s of CPU each: importing sympy) and live until
+    `close()`, garbage collection or interpreter exit. Each worker's memory is capped
+    (`WORKER_MEMORY_LIMIT_BYTES`) and a worker whose parent died kills itself soon after
+    (`_limit_cpu_time`).
     """
 
     def __init__(self, max_workers: int | None = None) -> None:
+        if max_workers is not None and max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
         self.max_workers = max_workers or _default_worker_count()
         self.timeouts = 0
         """How many answers have hit the time limit since this grader was made."""
@@ -354,6 +406,8 @@ class RewardGrader:
         """Rewards in {0.0, 1.0}, one per (completion, reference) pair, in order."""
         if len(completions) != len(references):
             raise ValueError(f"{len(completions)} completions but {len(references)} references")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         extraction = AnswerExtraction(extraction)
         if extraction is not AnswerExtraction.BOXED:
             return _plain_rewards(completions, references, extraction)
@@ -394,7 +448,7 @@ class RewardGrader:
                 if worker.ready and worker.task_id is None and queue:
                     task = queue.popleft()
                     try:
-                        worker.conn.send(task)
+                        worker.conn.send((*task, timeout_s))
                     except OSError:  # died while idle: grade the task elsewhere
                         queue.appendleft(task)
                         self._replace(worker)
@@ -442,18 +496,21 @@ class RewardGrader:
 
 # --- convenience functions --------------------------------------------------------------
 
-_shared_graders: dict[int, RewardGrader] = {}
-_shared_graders_lock = threading.Lock()
+_default_graders: dict[int, RewardGrader] = {}
+_default_graders_lock = threading.Lock()
 
 
-def _shared_grader(max_workers: int | None) -> RewardGrader:
-    """One warm grader per worker count for the whole process (its workers die with it):
-    starting workers costs seconds, and the convenience functions run once per batch."""
+def default_grader(max_workers: int | None = None) -> RewardGrader:
+    """The process-wide grader that `grade_batch` and `math_reward` use when given none.
+
+    Kept warm across calls (starting workers costs seconds; the convenience functions run
+    once per batch); one per worker count; its workers die with the process.
+    """
     count = max_workers or _default_worker_count()
-    with _shared_graders_lock:
-        if count not in _shared_graders:
-            _shared_graders[count] = RewardGrader(max_workers=count)
-        return _shared_graders[count]
+    with _default_graders_lock:
+        if count not in _default_graders:
+            _default_graders[count] = RewardGrader(max_workers=count)
+        return _default_graders[count]
 
 
 def grade_batch(
@@ -472,7 +529,7 @@ def grade_batch(
     extraction = AnswerExtraction(extraction)
     if extraction is not AnswerExtraction.BOXED:
         return _plain_rewards(completions, references, extraction)
-    grader = grader or _shared_grader(max_workers)
+    grader = grader or default_grader(max_workers)
     return grader.grade(completions, references, extraction, timeout_s)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -123,16 +122,20 @@ def main() -> None:
                 sync_times.append(vllm.last_weight_sync_seconds)
 
     budget = args.prompts * args.samples
-    print(f"\n{args.prompts} prompts, {budget} completions per call, "
-          f"max_new_tokens {args.max_new_tokens}, median of {args.repeats} calls\n")
+    print(
+        f"\n{args.prompts} prompts, {budget} completions per call, "
+        f"max_new_tokens {args.max_new_tokens}, median of {args.repeats} calls\n"
+    )
     print("| allocation | engine | tokens/s | mean completion tokens | vLLM / HF |")
     print("|---|---|---|---|---|")
     hf_rates = {shape: rate for shape, engine, rate, _ in rows if engine.startswith("HF")}
     for shape, engine, rate, length in rows:
         ratio = f"{rate / hf_rates[shape]:.2f}x" if engine == "vLLM" else ""
         print(f"| {shape} | {engine} | {rate:,.0f} | {length:.1f} | {ratio} |")
-    print(f"\nvLLM start-up: {startup:.1f} s; weight sync (median of 3): "
-          f"{statistics.median(sync_times) * 1000:.0f} ms")
+    print(
+        f"\nvLLM start-up: {startup:.1f} s; weight sync (median of 3): "
+        f"{statistics.median(sync_times) * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

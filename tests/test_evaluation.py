@@ -97,9 +97,17 @@ def test_summarize_benchmark_hand_computed():
     assert metrics["pass@1"] == pytest.approx(accuracies.mean())
     assert metrics["pass@2"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     half_width = 1.959963984540054 * accuracies.std(ddof=1) / math.sqrt(3)
-    assert metrics["accuracy_ci_low"] == pytest.approx(max(0.0, accuracies.mean() - half_width))
-    assert metrics["accuracy_ci_high"] == pytest.approx(accuracies.mean() + half_width)
+    assert accuracies.mean() - half_width < 0.0 and accuracies.mean() + half_width > 1.0
+    assert (metrics["accuracy_ci_low"], metrics["accuracy_ci_high"]) == (0.0, 1.0)  # clipped
     assert metrics["num_prompts"] == 3.0
+
+
+def test_summarize_benchmark_interval_is_the_normal_approximation_over_prompts():
+    metrics = summarize_benchmark([4, 4, 4], [1, 2, 3], ks=[1])
+    half_width = 1.959963984540054 * 0.25 / math.sqrt(3)  # sd of (0.25, 0.5, 0.75) is 0.25
+    assert metrics["accuracy"] == 0.5
+    assert metrics["accuracy_ci_low"] == pytest.approx(0.5 - half_width)
+    assert metrics["accuracy_ci_high"] == pytest.approx(0.5 + half_width)
 
 
 @given(st.lists(counts(max_samples=16), min_size=2, max_size=30))

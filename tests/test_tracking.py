@@ -85,7 +85,9 @@ def _log_one_of_everything(tracker: Tracker, workdir: Path) -> None:
     tracker.log_params({"train": {"lr": 1e-4, "levels": [1, 2, 3]}, "seed": 0})
     tracker.set_tags({"stage": "train", "strategy": "knapsack"})
     for step in range(3):
-        tracker.log_metrics({"losses/policy": 1.0 / (step + 1), "rollout/tokens_per_s": 100.0 * step}, step=step)
+        tracker.log_metrics(
+            {"losses/policy": 1.0 / (step + 1), "rollout/tokens_per_s": 100.0 * step}, step=step
+        )
     figure = Figure()
     figure.subplots().plot([0, 1], [1, 0])
     tracker.log_figure(figure, "plots/line.png")
@@ -151,9 +153,8 @@ def test_parent_and_child_runs_round_trip_through_mlflow(store: Store, tmp_path:
     assert child.info.run_name == "epoch-0"
     assert child.info.status == "FINISHED"
     assert child.data.tags["epoch"] == "0"
-    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "eval/accuracy")] == [
-        (10, 0.5)
-    ]
+    child_history = client.get_metric_history(child.info.run_id, "eval/accuracy")
+    assert [(m.step, m.value) for m in child_history] == [(10, 0.5)]
 
 
 def test_runs_end_failed_when_the_body_raises(store: Store) -> None:

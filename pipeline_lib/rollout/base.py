@@ -113,9 +113,7 @@ class RolloutEngine(Protocol):
     ) -> None: ...
 
 
-def check_generate_args(
-    prompt_token_ids: Sequence[list[int]], n_per_prompt: Sequence[int]
-) -> None:
+def check_generate_args(prompt_token_ids: Sequence[list[int]], n_per_prompt: Sequence[int]) -> None:
     """Raise ValueError unless there is one non-negative n per non-empty prompt."""
     if len(prompt_token_ids) != len(n_per_prompt):
         raise ValueError(

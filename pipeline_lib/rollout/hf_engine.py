@@ -123,8 +123,10 @@ class HFGenerateEngine:
         # so their log-softmax is the distribution each token was sampled from.
         scores = torch.stack(output.scores, dim=1).float()  # (rows, steps, vocab)
         logprobs = (
-            scores.log_softmax(dim=-1).gather(-1, new_tokens.to(scores.device).unsqueeze(-1))
-        ).squeeze(-1).cpu()  # (rows, steps)
+            (scores.log_softmax(dim=-1).gather(-1, new_tokens.to(scores.device).unsqueeze(-1)))
+            .squeeze(-1)
+            .cpu()
+        )  # (rows, steps)
         completions = []
         for row, (index, prompt) in enumerate(zip(prompt_indices, prompts, strict=True)):
             tokens = new_tokens[row].tolist()

@@ -42,8 +42,9 @@ def _set_env_default(name: str, value: str) -> None:
 class VLLMEngine:
     """Samples with `vllm.LLM`; one `generate` call per batch, n per prompt.
 
-    Constructing it starts the engine (30-65 s for the tiny model on 2 CPU cores:
-    process start-up, model load, warm-up). Use it as a context manager or call
+    Constructing it starts the engine and runs one tiny warm-up request (for the
+    tiny model on 2 shared CPU cores: 100-170 s when other jobs load the CPUs,
+    30-65 s otherwise). Use it as a context manager or call
     `close()`, which stops the engine-core process.
 
     Environment: sets `VLLM_NO_USAGE_STATS=1` and `DO_NOT_TRACK=1` unless already
@@ -101,6 +102,9 @@ class VLLMEngine:
         kwargs.update(engine_kwargs or {})
         started = time.perf_counter()
         self._llm: Any = LLM(model=model_dir, **kwargs)
+        # The first request pays one-off costs (seconds on CPU); pay them here so
+        # that the first rollout step's tokens/s is comparable to the others.
+        self.generate([[0]], [1], SamplingConfig(max_new_tokens=1))
         self.startup_seconds = time.perf_counter() - started
         """Wall time of engine start-up."""
         self.last_weight_sync_seconds: float | None = None

@@ -66,35 +66,21 @@ class WeightSyncExtension:
     def _retie_output_embeddings(self) -> None:
         """Point `lm_head` at the input embeddings again and redo its post-processing.
 
-        With tied embeddings vLLM skips `lm_head.weight` when loading, and on CPU the
-        output layer multiplies with a packed copy made at start-up; without this
-        step it silently keeps computing logits from the old embeddings. On GPU the
-        post-processing is a no-op and the tie already holds, so this is cheap.
+        With tied embeddings vLLM skips `lm_head.weight` when loading. Where the CPU
+        output layer multiplies with a packed copy made at start-up (the AMX
+        `weight_packed_linear` path for bfloat16/float16), it would silently keep
+        computing logits from the old embeddings. Elsewhere (oneDNN on AVX-512, GPU)
+        the tie already holds and this is a cheap no-op.
         """
-        from vllm.model_executor.layers.vocab_parallel_embedding import (
-            ParallelLMHead,
-            VocabParallelEmbedding,
-        )
-
         runner = self.model_runner
         hf_config = runner.model_config.hf_text_config  # type: ignore[attr-defined]
         if not getattr(hf_config, "tie_word_embeddings", False):
             return
-        model = runner.get_model()  # type: ignore[attr-defined]
-        lm_head = getattr(model, "lm_head", None)
-        if not isinstance(lm_head, ParallelLMHead):
-            return  # not the last pipeline stage, or an architecture without one
-        embeddings = [
-            module
-            for module in model.modules()
-            if isinstance(module, VocabParallelEmbedding)
-            and not isinstance(module, ParallelLMHead)
-        ]
-        if len(embeddings) != 1:
-            raise RuntimeError(
-                f"expected one input embedding to tie lm_head to, found {len(embeddings)}"
-            )
-        lm_head.weight = embeddings[0].weight
+        found = _find_embeddings(runner.get_model())  # type: ignore[attr-defined]
+        if found is None:
+            return  # not the last pipeline stage, or an architecture without lm_head
+        embedding, lm_head = found
+        lm_head.weight = embedding.weight
         lm_head.quant_method.process_weights_after_loading(lm_head)
 
     def output_layer_matches_embeddings(self) -> bool:
@@ -104,26 +90,37 @@ class WeightSyncExtension:
         or not) to a few random hidden states and compares with a plain matmul by
         the embedding matrix. Cheap at any model size (4 rows).
         """
-        from vllm.model_executor.layers.vocab_parallel_embedding import (
-            ParallelLMHead,
-            VocabParallelEmbedding,
-        )
-
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        lm_head = model.lm_head
-        embedding = next(
-            module
-            for module in model.modules()
-            if isinstance(module, VocabParallelEmbedding)
-            and not isinstance(module, ParallelLMHead)
-        )
+        found = _find_embeddings(self.model_runner.get_model())  # type: ignore[attr-defined]
+        if found is None:
+            raise RuntimeError("this model has no lm_head and input embedding pair")
+        embedding, lm_head = found
         weight = embedding.weight
         generator = torch.Generator(device="cpu").manual_seed(0)
         hidden = torch.randn(4, weight.shape[1], generator=generator).to(weight)
         with torch.no_grad():
-            expected = (hidden.float() @ weight.float().T)
+            expected = hidden.float() @ weight.float().T  # (4, vocab)
             actual = lm_head.quant_method.apply(lm_head, hidden).float()
         actual = actual[:, : expected.shape[1]]  # the output layer may pad the vocabulary
         # Relative to the logits' scale, so bfloat16 engines pass too.
         error = (actual - expected).abs().max()
         return bool(error <= 2e-2 * expected.abs().max())
+
+
+def _find_embeddings(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(input embedding, lm_head) of a vLLM causal LM, or None without an lm_head."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
+
+    lm_head = getattr(model, "lm_head", None)
+    if not isinstance(lm_head, ParallelLMHead):
+        return None
+    embeddings = [
+        module
+        for module in model.modules()
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead)
+    ]
+    if len(embeddings) != 1:
+        raise RuntimeError(f"expected one input embedding, found {len(embeddings)}")
+    return embeddings[0], lm_head

@@ -1,0 +1,76 @@
+"""Stage `train`: Knapsack-GRPO and the uniform baseline, at the same rollout budget and seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow
+
+from flows.common import load_stage_config, run_flow_cli
+from tasks.engines import open_engine
+from tasks.hashing import content_hash
+from tasks.prepare import SYNTHETIC_BENCHMARK, TRAIN_FILE
+from tasks.tracking import stage_run
+from tasks.train import train_strategy
+
+
+def heldout_table(prepared: Path) -> Path:
+    """The benchmark used for the training curves: the synthetic one, else the first."""
+    synthetic = prepared / f"{SYNTHETIC_BENCHMARK}.parquet"
+    if synthetic.exists():
+        return synthetic
+    others = sorted(p for p in prepared.glob("*.parquet") if p.name != TRAIN_FILE)
+    if not others:
+        raise FileNotFoundError(f"no benchmark table in {prepared}: run the prepare stage")
+    return others[0]
+
+
+@flow(name="train", log_prints=True)
+def train(params_path: str = "params.yaml", overrides: dict | None = None) -> dict:
+    """Train one policy per configured allocation strategy; one rollout engine for all."""
+    config = load_stage_config(params_path, overrides)
+    prepared = Path(config.prepare.output_dir)
+    train_path, heldout_path = prepared / TRAIN_FILE, heldout_table(prepared)
+    start = config.bootstrap.output_dir
+    start_hash = content_hash(start)
+    data_hash = content_hash(train_path) + content_hash(heldout_path)
+    summaries = {}
+    with stage_run(config, "train") as tracker, open_engine(
+        config.train.backend, start, config.seed
+    ) as engine:
+        for strategy in config.train.strategies:
+            args = (config, strategy, start, start_hash, str(train_path), str(heldout_path),
+                    data_hash, engine, tracker)
+            summary = train_strategy(*args)
+            if not Path(str(summary["policy_dir"])).exists():  # cached, but outputs were removed
+                summary = train_strategy.with_options(refresh_cache=True)(*args)
+            summaries[strategy] = summary
+            print(f"{strategy}: {json.dumps(summary)}")
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/train.json").write_text(json.dumps(summaries, indent=2))
+    write_curves({s: Path(str(summary["steps_csv"])) for s, summary in summaries.items()})
+    return summaries
+
+
+CURVES = {
+    "accuracy": "eval/accuracy",
+    "effective_gradient_ratio": "rollout/effective_gradient_ratio",
+}
+
+
+def write_curves(steps_csvs: dict[str, Path], out_dir: Path = Path("metrics/curves")) -> None:
+    """One wide CSV per curve (step, one column per strategy) for `dvc plots`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = {strategy: pd.read_csv(path) for strategy, path in steps_csvs.items()}
+    for name, column in CURVES.items():
+        wide = None
+        for strategy, steps in tables.items():
+            series = steps[["step", column]].dropna().rename(columns={column: strategy})
+            wide = series if wide is None else wide.merge(series, on="step", how="outer")
+        wide.sort_values("step").to_csv(out_dir / f"{name}.csv", index=False)
+
+
+if __name__ == "__main__":
+    run_flow_cli(train)

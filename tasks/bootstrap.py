@@ -1,0 +1,60 @@
+"""Prefect tasks of stage `bootstrap`: build and warm up the tiny policy, or load a real one."""
+
+from __future__ import annotations
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_lib.config import BootstrapConfig
+from pipeline_lib.data.schema import read_prompts
+from pipeline_lib.policy.sft import SFTConfig, run_sft
+from pipeline_lib.policy.tiny import (
+    TinyModelConfig,
+    build_char_tokenizer,
+    build_tiny_qwen2,
+    load_policy,
+    save_policy,
+)
+from pipeline_lib.tracking import Tracker
+
+
+@task(cache_policy=NO_CACHE)
+def build_tiny_policy(
+    config: BootstrapConfig, train_path: str, seed: int, threads: int, tracker: Tracker
+) -> str:
+    """Embedded default: character tokenizer + tiny Qwen2, SFT on the train split."""
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    shape = config.tiny
+    model = build_tiny_qwen2(
+        tokenizer,
+        TinyModelConfig(
+            hidden_size=shape.hidden_size,
+            num_layers=shape.num_layers,
+            num_heads=shape.num_heads,
+            intermediate_size=shape.intermediate_size,
+            seed=seed,
+        ),
+    )
+    train = read_prompts(train_path)
+    sft = SFTConfig(
+        learning_rate=config.sft.learning_rate,
+        batch_size=config.sft.batch_size,
+        num_steps=config.sft.steps,
+        seed=seed,
+        num_threads=threads,
+    )
+    metrics = run_sft(
+        model, tokenizer, train["problem"].tolist(), train["answer"].tolist(),
+        train["level"].tolist(), sft,
+    )
+    tracker.log_metrics(metrics)
+    return str(save_policy(model, tokenizer, config.output_dir))
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])  # hub downloads
+def import_pretrained_policy(config: BootstrapConfig) -> str:
+    """Real use: a Hugging Face id, a local checkpoint or a GGUF file, saved as safetensors."""
+    model, tokenizer = load_policy(config.model, gguf_file=config.gguf_file)
+    return str(save_policy(model, tokenizer, config.output_dir))

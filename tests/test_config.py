@@ -1,0 +1,54 @@
+"""params.yaml: the repository's file is valid, and bad keys or values fail naming them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_lib.config import ConfigError, apply_overrides, load_config, parse_config
+from tests.conftest import REPO_ROOT
+
+
+def test_repository_params_file_is_valid_and_matches_defaults():
+    config = load_config(REPO_ROOT / "params.yaml")
+    assert config.train.strategies == ("knapsack", "uniform")
+    assert config == parse_config({})  # the file spells out the defaults
+
+
+def test_unknown_key_names_it_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as error:
+        parse_config({"train": {"stepz": 3}})
+    message = str(error.value)
+    assert "unknown key 'train.stepz'" in message and "steps" in message
+
+
+def test_bad_value_names_key_and_allowed_values():
+    with pytest.raises(ConfigError, match=r"train.strategies.0.*'knapsack' or 'uniform'"):
+        parse_config({"train": {"strategies": ["greedy"]}})
+
+
+def test_rollout_bounds_are_checked_together():
+    with pytest.raises(ConfigError, match="min_rollouts <= rollouts_per_prompt <= max_rollouts"):
+        parse_config({"train": {"min_rollouts": 4, "rollouts_per_prompt": 2}})
+
+
+def test_pass_at_k_cannot_exceed_samples():
+    with pytest.raises(ConfigError, match=r"pass_at \[8\] exceeds samples_per_prompt 4"):
+        parse_config({"evaluate": {"pass_at": [1, 8]}})
+
+
+def test_overrides_apply_dotted_keys_and_are_validated(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  steps: 5\n")
+    assert load_config(params, {"train.steps": 7}).train.steps == 7
+    with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
+        load_config(params, {"train.nope": 1})
+    assert apply_overrides({"a": {"b": 1}}, {"a.c": 2}) == {"a": {"b": 1, "c": 2}}
+
+
+def test_fingerprint_changes_with_any_value():
+    assert parse_config({}).fingerprint() != parse_config({"seed": 1}).fingerprint()
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "nope.yaml")
