@@ -17,6 +17,8 @@ export DVC_NO_ANALYTICS := 1
 export VLLM_NO_USAGE_STATS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+# Prefect's state (flow runs, cached task results) stays in the repository.
+export PREFECT_HOME := $(CURDIR)/.prefect
 
 .PHONY: run test test-fast bench mlflow-ui install lock
 
@@ -44,8 +46,9 @@ lock:
 	$(UV) pip compile requirements/cpu.in --python-version 3.11 --find-links /opt/wheels \
 		--index-strategy unsafe-best-match --no-header -o $(LOCK)
 
+# One Prefect server for all stages (stopped afterwards); the venv first on PATH for DVC.
 run: $(STAMP)
-	$(BIN)/dvc repro
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/with_prefect_server.py -- dvc repro
 
 # pytest exits 5 when it collects no tests: that is a broken suite, not a pass.
 test: $(STAMP)
