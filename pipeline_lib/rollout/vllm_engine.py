@@ -2,7 +2,8 @@
 
 The engine core runs in its own process (vLLM's default); new weights reach its
 worker through `WeightSyncExtension` and `collective_rpc`. The only CPU-specific
-choice is a default KV-cache size, applied when no CUDA device is visible.
+choices are defaults (KV-cache size, sequences per step), applied when no CUDA
+device is visible.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from pipeline_lib.rollout.weight_sync import WORKER_EXTENSION, serialize_state_d
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 """KV cache on CPU when none is given: vLLM's CPU default is a fraction of all RAM
 (`gpu_memory_utilization` of it), which fails on a shared small machine."""
+
+CPU_DEFAULT_MAX_NUM_SEQS = 1024
+"""Sequences per step on CPU when none is given. vLLM's CPU default (256) splits a
+64 x 8 rollout batch into two waves; one wave of 512 gave 1.5x the tokens/s."""
 
 _SEED_STRIDE = 1_000_003
 """Prompt seeds are `seed * stride + first completion index`: vLLM gives the k-th
@@ -74,7 +79,8 @@ class VLLMEngine:
                 decides, on CPU `CPU_DEFAULT_KV_CACHE_BYTES`.
             gpu_memory_utilization: share of GPU memory vLLM may take (ignored on
                 CPU when a KV cache size is set), leaving room for the trainer.
-            max_num_seqs: most sequences per scheduler step; None keeps vLLM's.
+            max_num_seqs: most sequences per scheduler step. None: vLLM's default on
+                GPU, `CPU_DEFAULT_MAX_NUM_SEQS` on CPU.
             enforce_eager: skip CUDA graphs / torch.compile: start-up dominates at
                 the sizes trained here, and weights change every step.
             engine_kwargs: any other `vllm.LLM` keyword (e.g. tensor_parallel_size).
@@ -83,8 +89,11 @@ class VLLMEngine:
         _set_env_default("DO_NOT_TRACK", "1")
         from vllm import LLM  # imported here: vLLM is heavy and absent on some machines
 
-        if kv_cache_memory_bytes is None and not torch.cuda.is_available():
-            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        if not torch.cuda.is_available():
+            if kv_cache_memory_bytes is None:
+                kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+            if max_num_seqs is None:
+                max_num_seqs = CPU_DEFAULT_MAX_NUM_SEQS
         kwargs: dict[str, Any] = {
             "dtype": dtype,
             "seed": seed,
@@ -152,6 +161,8 @@ class VLLMEngine:
                     max_tokens=sampling.max_new_tokens,
                     seed=seed,
                     logprobs=0,  # 0 extra candidates: just the sampled token's
+                    # Flat lists instead of a dict per token: less GC work per step.
+                    flat_logprobs=True,
                     skip_special_tokens=True,
                 )
             )
@@ -168,10 +179,7 @@ class VLLMEngine:
                         prompt_index=i,
                         prompt_token_ids=list(prompt_token_ids[i]),
                         token_ids=token_ids,
-                        logprobs=[
-                            position[token].logprob
-                            for position, token in zip(sample.logprobs, token_ids, strict=True)
-                        ],
+                        logprobs=_sampled_logprobs(sample.logprobs, token_ids),
                         text=sample.text,
                         finished=sample.finish_reason == "stop",
                     )
@@ -220,3 +228,13 @@ class VLLMEngine:
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         return self._llm
+
+
+def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
+    """Per-token logprobs of the sampled tokens from vLLM's `FlatLogprobs`.
+
+    With `logprobs=0` each position holds exactly one entry, the sampled token.
+    """
+    if logprobs.token_ids != token_ids:
+        raise RuntimeError("vLLM returned logprobs that do not follow the sampled tokens")
+    return list(logprobs.logprobs)

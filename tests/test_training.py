@@ -1,0 +1,107 @@
+"""The training loop on a real tiny model with the HF engine: metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_lib.config import TrainConfig
+from pipeline_lib.data.synthetic import split_arithmetic
+from pipeline_lib.policy.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_qwen2
+from pipeline_lib.prompts import encode_prompts
+from pipeline_lib.rollout.hf_engine import HFGenerateEngine
+from pipeline_lib.tracking import NullTracker
+from pipeline_lib.training import PromptSet, read_checkpoint_meta, step_prompts, train_policy
+
+
+class CrashingEngine:
+    """A real engine that raises on its n-th generate call (a crash injected mid-run)."""
+
+    def __init__(self, engine, crash_on_call: int | None = None):
+        self.engine, self.crash_on_call, self.calls = engine, crash_on_call, 0
+
+    @property
+    def last_stats(self):
+        return self.engine.last_stats
+
+    def generate(self, prompts, n, sampling):
+        self.calls += 1
+        if self.calls == self.crash_on_call:
+            raise RuntimeError("injected crash")
+        return self.engine.generate(prompts, n, sampling)
+
+    def update_weights(self, state_dict):
+        self.engine.update_weights(state_dict)
+
+    def close(self):
+        self.engine.close()
+
+
+@pytest.fixture()
+def setup():
+    tokenizer = build_char_tokenizer()
+    train, heldout = split_arithmetic(32, 8, seed=0)
+
+    def prompt_set(table):
+        return PromptSet(
+            table["id"].tolist(), encode_prompts(tokenizer, table["problem"]), table["answer"].tolist()
+        )
+
+    def fresh_model():
+        return build_tiny_qwen2(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                           intermediate_size=64, seed=0))
+
+    config = TrainConfig(steps=3, prompts_per_step=8, rollouts_per_prompt=4, max_rollouts=16,
+                         eval_every=2, eval_prompts=8, max_new_tokens=4)
+    return tokenizer, prompt_set(train), prompt_set(heldout), fresh_model, config
+
+
+def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack"):
+    tokenizer, train_set, heldout_set, fresh_model, config = setup
+    model = fresh_model()
+    engine = engine_wrapper(HFGenerateEngine(fresh_model(), tokenizer))
+    engine.update_weights(model.state_dict())
+    result = train_policy(model=model, tokenizer=tokenizer, engine=engine, train_set=train_set,
+                          heldout_set=heldout_set, config=config, strategy=strategy, seed=0,
+                          state_dir=tmp_path, fingerprint="test", tracker=NullTracker(),
+                          progress=False)
+    return result, model, engine
+
+
+def test_loop_records_every_step_and_checkpoint(setup, tmp_path):
+    result, _, _ = run(setup, tmp_path)
+    steps = result.steps
+    assert steps["step"].tolist() == [0, 1, 2, 3]
+    trained = steps[steps.step > 0]
+    assert (trained["alloc/mean_rollouts"] == 4).all()  # budget = 8 prompts x 4
+    assert trained["rollout/effective_gradient_ratio"].between(0, 1).all()
+    assert {"train/loss", "train/grad_norm", "sync/seconds", "eval/accuracy"} <= set(steps.columns)
+    assert read_checkpoint_meta(tmp_path)["step"] == 2
+
+
+def test_crash_resumes_from_last_completed_step_without_repeating_rollouts(setup, tmp_path):
+    # generate calls: 1 = step-0 evaluation, 2 = step 1, 3 = step 2, 4 = eval at step 2, 5 = step 3.
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(setup, tmp_path, lambda e: CrashingEngine(e, crash_on_call=5))
+    assert read_checkpoint_meta(tmp_path)["step"] == 1  # steps 1 and 2 (0-based 0, 1) done
+
+    result, model, engine = run(setup, tmp_path, lambda e: CrashingEngine(e))
+    assert result.resumed_from_step == 2
+    assert engine.calls == 2  # step 3 and the final evaluation: nothing repeated
+    assert result.steps["step"].tolist() == [0, 1, 2, 3]
+
+    uninterrupted, straight_model, _ = run(setup, tmp_path / "straight")
+    for (name, a), (_, b) in zip(model.state_dict().items(), straight_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after resume")
+
+
+def test_step_prompts_visit_each_prompt_once_per_epoch():
+    seen = np.concatenate([step_prompts(32, s, 8, seed=3)[1] for s in range(4)])
+    assert sorted(seen.tolist()) == list(range(32))
+    assert step_prompts(32, 4, 8, seed=3)[0] == 1
+
+
+def test_uniform_strategy_allocates_evenly(setup, tmp_path):
+    result, _, _ = run(setup, tmp_path, strategy="uniform")
+    assert (result.steps.loc[result.steps.step > 0, "alloc/max_rollouts"] == 4).all()
