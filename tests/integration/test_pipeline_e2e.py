@@ -16,15 +16,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_lib.config import apply_overrides
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY_PARAMS = {
-    "prepare": {"synthetic": {"train_prompts": 64, "benchmark_prompts": 32}},
-    "bootstrap": {"sft": {"steps": 40, "batch_size": 64}},
-    "train": {"steps": 3, "prompts_per_step": 16, "eval_every": 2, "eval_prompts": 32},
-    "evaluate": {"samples_per_prompt": 2, "pass_at": [1, 2]},
+TINY_OVERRIDES = {
+    "prepare.synthetic.train_prompts": 64,
+    "prepare.synthetic.benchmark_prompts": 32,
+    "bootstrap.sft.steps": 40,
+    "bootstrap.sft.batch_size": 64,
+    "train.steps": 3,
+    "train.prompts_per_step": 16,
+    "train.eval_every": 2,
+    "train.eval_prompts": 32,
+    "evaluate.samples_per_prompt": 2,
+    "evaluate.pass_at": [1, 2],
 }
 
 
@@ -41,7 +48,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
         shutil.copytree(REPO_ROOT / folder, root / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, TINY_OVERRIDES)))
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",

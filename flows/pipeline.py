@@ -1,0 +1,53 @@
+"""The whole pipeline as one flow (what Prefect deployments run): `dvc repro`, then push.
+
+Runs the same DVC stages as `make run` (each stage flow shows up as its own flow
+run on the same Prefect server), nested under one MLflow parent run, and, when
+asked, pushes the DVC-tracked outputs so `dvc pull` at this commit restores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.common import load_stage_config, run_flow_cli
+from tasks.storage import push_outputs
+from tasks.tracking import PARENT_ENV, find_or_create_parent
+
+
+def dvc_command(overrides: dict[str, Any] | None) -> list[str]:
+    """`dvc repro`, or `dvc exp run -S key=value ...` when parameters are overridden."""
+    if not overrides:
+        return ["dvc", "repro"]
+    sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+    return ["dvc", "exp", "run", *sets]
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    params_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    push: bool = False,
+) -> dict:
+    """prepare -> bootstrap -> train -> evaluate through DVC; optionally `dvc push` after."""
+    config = load_stage_config(params_path, overrides)  # fail on a bad override before compute
+    logger = get_run_logger()
+    env = os.environ | {PARENT_ENV: find_or_create_parent(config)}
+    command = dvc_command(overrides)
+    logger.info("running %s", " ".join(command))
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}")
+    if push:
+        push_outputs()
+    summary_path = Path("metrics/summary.json")
+    return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+
+if __name__ == "__main__":
+    run_flow_cli(pipeline)
