@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument(
         "--samples", type=int, default=4, help="samples per prompt at temperature 1"
     )
+    parser.add_argument(
+        "--curve-every", type=int, default=0, help="print greedy accuracy by level every N steps"
+    )
     parser.add_argument("--save", type=str, default=None, help="save the trained policy here")
     args = parser.parse_args()
 
@@ -61,6 +64,17 @@ def main() -> None:
     print(f"parameters: {model.num_parameters():,}  config: {config}")
     print("train pool by level:", train["level"].value_counts().sort_index().to_dict())
 
+    heldout_problems, heldout_answers = list(heldout["problem"]), list(heldout["answer"])
+
+    def print_curve(step: int, loss: float) -> None:
+        if args.curve_every and step % args.curve_every == 0:
+            correct = completion_accuracy(model, tokenizer, heldout_problems, heldout_answers)
+            by_level = pd.Series(correct).groupby(heldout["level"].to_numpy()).mean()
+            levels = " ".join(f"{value:.2f}" for value in by_level)
+            print(
+                f"step {step:4d} loss {loss:.4f} greedy by level {levels} mean {correct.mean():.3f}"
+            )
+
     metrics = run_sft(
         model,
         tokenizer,
@@ -68,11 +82,11 @@ def main() -> None:
         list(train["answer"]),
         list(train["level"]),
         config,
+        progress=not args.curve_every,
+        on_step=print_curve,
     )
     started = time.perf_counter()
-    greedy = completion_accuracy(
-        model, tokenizer, list(heldout["problem"]), list(heldout["answer"])
-    )
+    greedy = completion_accuracy(model, tokenizer, heldout_problems, heldout_answers)
     sampled = completion_accuracy(
         model,
         tokenizer,

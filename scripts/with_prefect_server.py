@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 
@@ -55,11 +55,18 @@ def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 
 @contextmanager
-def prefect_server(timeout_s: float = 180.0) -> Iterator[str]:
-    """Start `prefect server start` on loopback; yield its API URL; stop it on exit."""
+def prefect_server(
+    timeout_s: float = 180.0, env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """Start `prefect server start` on loopback; yield its API URL; stop it on exit.
+
+    `env` replaces the inherited environment (e.g. to give the server its own PREFECT_HOME).
+    """
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+    env = dict(os.environ if env is None else env) | {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
          "--port", str(port)],

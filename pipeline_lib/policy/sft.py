@@ -8,7 +8,7 @@ something to work with; it is deliberately short so RL has room to improve.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -112,13 +112,16 @@ def run_sft(
     levels: Sequence[int],
     config: SFTConfig,
     progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place on answer tokens; return final metrics.
 
     Each step draws `batch_size` examples with replacement, levels weighted by
     `config.level_weights`. Deterministic for a given seed and thread count.
     Metrics: `sft/loss` (mean of the last 20 steps), `sft/steps`, `sft/wall_s`,
-    `sft/examples_per_s`.
+    `sft/examples_per_s`. `on_step(step, loss)` runs after every step (1-based),
+    e.g. to log metrics or evaluate a learning curve; it may switch the model to
+    eval mode, training mode is restored after it.
     """
     data = build_sft_batch(tokenizer, problems, answers)
     probabilities = sampling_probabilities(levels, config.level_weights)
@@ -151,6 +154,9 @@ def run_sft(
             recent_losses = [*recent_losses[-19:], loss.item()]
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(recent_losses):.4f}")
+            if on_step is not None:
+                on_step(step + 1, recent_losses[-1])
+                model.train()
     wall_s = time.perf_counter() - started
     model.eval()
     return {

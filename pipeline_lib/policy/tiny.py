@@ -144,15 +144,25 @@ def load_policy(
 
     `source` is a checkpoint directory or Hub id; with `gguf_file` the weights are
     that GGUF file inside it (needs the `gguf` and `accelerate` packages). A path
-    that ends in `.gguf` is split into directory and file. Tokenizers without a
-    pad token get EOS as pad, as generation and batching need one.
+    that ends in `.gguf` is split into directory and file. GGUF weights are
+    unpacked into a plain dense model (trainable, and savable as safetensors: a
+    model left in GGUF blocks is neither). Tokenizers without a pad token get EOS
+    as pad, as generation and batching need one.
     """
     if gguf_file is None and source.endswith(".gguf") and Path(source).is_file():
         source, gguf_file = str(Path(source).parent), Path(source).name
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    extra = {}
+    if gguf_file is not None:
+        extra["quantization_config"] = transformers.GgufConfig(dequantize=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=gguf_file, dtype=dtype
+        source, gguf_file=gguf_file, dtype=dtype, **extra
     )
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf_file is not None and quantizer is not None:
+        # The weights are dense; a quantizer left on the model would stop training
+        # and `save_pretrained` (transformers drops it itself when dequantizing).
+        quantizer.remove_quantization_config(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:

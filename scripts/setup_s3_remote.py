@@ -1,0 +1,79 @@
+"""Point this repository's DVC remote at S3 or an S3-compatible store; make the bucket.
+
+    python scripts/setup_s3_remote.py s3://my-bucket/knapsack-rl \
+        --endpoint-url http://127.0.0.1:8333 --create-bucket
+
+Writes the remote (URL, endpoint, region) to `.dvc/config`, which is committed, as the
+default remote. Credentials are never written there: they stay in the environment
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or `--save-credentials` copies them from
+the environment into `.dvc/config.local`, which git ignores. `--endpoint-url` defaults
+to AWS_ENDPOINT_URL when that is set (leave both out for AWS itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline_lib.storage import (  # noqa: E402 - after the path set-up above
+    DEFAULT_REMOTE,
+    S3Remote,
+    StorageError,
+    configure_dvc_remote,
+    ensure_bucket,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("url", help="s3://bucket/prefix")
+    parser.add_argument("--name", default=DEFAULT_REMOTE, help="remote name (default: %(default)s)")
+    parser.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("AWS_ENDPOINT_URL"),
+        help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL)",
+    )
+    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION"))
+    parser.add_argument("--create-bucket", action="store_true", help="create the bucket if missing")
+    parser.add_argument(
+        "--save-credentials",
+        action="store_true",
+        help="copy AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY into .dvc/config.local (git-ignored)",
+    )
+    parser.add_argument("--repo", default=".", help="repository root (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    remote = S3Remote(args.url, args.name, args.endpoint_url, args.region)
+    keys: dict[str, str] = {}
+    if args.save_credentials:
+        try:
+            keys = {
+                "access_key_id": os.environ["AWS_ACCESS_KEY_ID"],
+                "secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+            }
+        except KeyError as missing:
+            parser.error(f"--save-credentials needs {missing.args[0]} in the environment")
+    try:
+        remote.bucket  # noqa: B018 - validates the URL before anything is written
+        if args.create_bucket:
+            created = ensure_bucket(
+                remote.bucket, endpoint_url=remote.endpoint_url, region=remote.region
+            )
+            print(f"bucket {remote.bucket}: {'created' if created else 'exists'}")
+        configure_dvc_remote(args.repo, remote, **keys)
+    except (StorageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"default DVC {remote.describe()}")
+    if keys:
+        print("credentials written to .dvc/config.local (not committed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

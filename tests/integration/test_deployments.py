@@ -1,0 +1,51 @@
+"""The `local` Prefect deployment end to end: a real server and process worker, `prefect deploy`,
+`prefect deployment run --watch` (what `make deploy-smoke` does), on a temporary project copy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import deploy_smoke  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[deploy_smoke.Stack]:
+    with deploy_smoke.deployment_stack(tmp_path_factory.mktemp("deploy")) as stack:
+        yield stack
+
+
+def test_bad_override_key_fails_the_flow_run_before_compute_naming_the_key(stack):
+    result = deploy_smoke.run_deployment(stack, {"overrides": {"train.stepz": 2}},
+                                         timeout_s=300)
+    assert result.state == "Failed", result.output[-2000:]
+    assert "unknown key 'train.stepz'" in result.message, result.message
+    print(f"state message: {result.message}")
+    assert "unknown key 'train.stepz'" in deploy_smoke.flow_run_logs(stack, result.flow_run_id)
+    # Failed before any DVC stage ran: nothing was prepared.
+    assert not (stack.project / "data" / "prepared").exists()
+
+
+def test_wrongly_typed_overrides_are_refused_before_a_run_is_created(stack):
+    with pytest.raises(RuntimeError, match="no flow run was created") as refused:
+        deploy_smoke.run_deployment(stack, {"overrides": "train.steps=2"}, timeout_s=120)
+    assert "overrides" in str(refused.value), str(refused.value)
+
+
+def test_tiny_pipeline_run_completes_and_writes_the_summary(stack):
+    result = deploy_smoke.run_deployment(stack, {"overrides": deploy_smoke.TINY_OVERRIDES})
+    assert result.state == "Completed", result.output[-3000:] + result.message
+    summary = json.loads((stack.project / "metrics" / "summary.json").read_text())
+    assert {"start_accuracy", "knapsack_accuracy", "uniform_accuracy"} <= summary.keys()
+    # The overrides reached the stages through `dvc exp run -S`.
+    params = (stack.project / "params.yaml").read_text()
+    assert "steps: 2" in params and "backend: hf" in params
