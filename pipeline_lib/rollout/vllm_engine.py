@@ -47,10 +47,14 @@ def _set_env_default(name: str, value: str) -> None:
 class VLLMEngine:
     """Samples with `vllm.LLM`; one `generate` call per batch, n per prompt.
 
-    Constructing it starts the engine and runs one tiny warm-up request (for the
-    tiny model on 2 shared CPU cores: 100-170 s when other jobs load the CPUs,
-    30-65 s otherwise). Use it as a context manager or call
-    `close()`, which stops the engine-core process.
+    Constructing it starts the engine and runs one tiny warm-up request: for the
+    tiny model on 2 CPU cores, 30-65 s on an idle machine and 60-210 s measured
+    while other jobs loaded it. Use it as a context manager or call `close()`,
+    which stops the engine-core and worker processes.
+
+    Requests without a seed draw from the engine's RNG, seeded with `seed` at
+    start-up: a run is still reproducible (same calls in the same order), and it
+    skips vLLM's per-request generators, which cost some throughput.
 
     Environment: sets `VLLM_NO_USAGE_STATS=1` and `DO_NOT_TRACK=1` unless already
     set (vLLM reads them at start-up; nothing is sent anywhere).
@@ -108,6 +112,12 @@ class VLLMEngine:
         }
         if max_num_seqs is not None:
             kwargs["max_num_seqs"] = max_num_seqs
+        if not torch.cuda.is_available():
+            # vLLM rewinds a seeded request's generator when it splits the prompt's
+            # prefill across steps, which only CUDA generators allow: on CPU a batch
+            # of seeded prompts over the step's token budget (4096) killed the
+            # engine ("CPU Generator does not use offset"). Whole prompts only.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(engine_kwargs or {})
         started = time.perf_counter()
         self._llm: Any = LLM(model=model_dir, **kwargs)
