@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.common import load_stage_config, run_flow_cli
-from tasks.storage import push_outputs
+from tasks.storage import push_outputs, record_pushed_state
 from tasks.tracking import PARENT_ENV, find_or_create_parent
 
 
@@ -44,7 +44,8 @@ def pipeline(
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}")
     if push:
-        push_outputs()
+        pushed = push_outputs()
+        record_pushed_state(config, env[PARENT_ENV], pushed)
     summary_path = Path("metrics/summary.json")
     return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 

@@ -11,15 +11,20 @@ What goes where, so that nothing secret is ever committed:
 
 `dvc push` does not create the bucket: `ensure_bucket` does, once, at set-up.
 Pushing and pulling run the DVC command line in a subprocess (the same `dvc` as this
-interpreter's); a failure raises `PushError` / `PullError` naming the remote, its URL and
-endpoint, and saying whether trying again may help (`transient`). Retrying is the
-caller's business (the Prefect task's retries). `dvc push` only reads the local cache
-and workspace, so a failed push loses nothing local.
+interpreter's). DVC alone, when the store goes away mid-push, retries every remaining
+file in turn (minutes for a few hundred files), so the store is probed while it runs and
+a store silent for `UNREACHABLE_AFTER_S` ends the transfer. A failure raises `PushError`
+/ `PullError` naming the remote, its URL and endpoint, and saying whether trying again
+may help (`transient`). Retrying is the caller's business (the Prefect task's retries).
+`dvc push` only reads the local cache and workspace, so a failed push loses nothing
+local, and the next one uploads only what the remote lacks.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +33,8 @@ from pathlib import Path
 from typing import Literal
 
 DEFAULT_REMOTE = "storage"
+PROBE_EVERY_S = 2.0  # how often a running transfer checks that the store still answers
+UNREACHABLE_AFTER_S = 15.0  # silence that ends a transfer (DVC alone retries each file)
 # Remote options that hold secrets: they belong in .dvc/config.local or the environment.
 SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "password")
 # Failures that no retry will fix (AWS error codes and DVC messages, matched in stderr).
@@ -128,8 +135,11 @@ def configure_dvc_remote(
         section = {"url": remote.url}
         section |= {"endpointurl": remote.endpoint_url} if remote.endpoint_url else {}
         section |= {"region": remote.region} if remote.region else {}
-        kept = {k: v for k, v in conf["remote"].get(remote.name, {}).items()
-                if k not in ("url", "endpointurl", "region")}
+        kept = {
+            k: v
+            for k, v in conf["remote"].get(remote.name, {}).items()
+            if k not in ("url", "endpointurl", "region")
+        }
         conf["remote"][remote.name] = kept | section
         if default:
             conf["core"]["remote"] = remote.name
@@ -144,13 +154,13 @@ def configure_dvc_remote(
     if leaked:
         raise StorageError(
             f"{Path(repo_dir) / '.dvc' / 'config'} (committed) holds secrets: {', '.join(leaked)}; "
-            "move them with `dvc remote modify --local` or into the environment",
+            "move them to .dvc/config.local (`dvc remote modify --local`) or the environment",
             transient=False,
         )
 
 
 def committed_secrets(repo_dir: str | Path) -> list[str]:
-    """`remote.<name>.<option>` for every secret option set in `.dvc/config` (the committed file)."""
+    """`remote.<name>.<option>` for each secret option set in `.dvc/config` (the committed file)."""
     conf = _dvc_config(repo_dir).read("repo")
     return [
         f"remote.{name}.{option}"
@@ -196,7 +206,7 @@ def ensure_bucket(
     ~/.aws). Raises StorageError when the store cannot be reached or refuses.
     """
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     client = boto3.client(
         "s3",
@@ -205,16 +215,20 @@ def ensure_bucket(
         aws_access_key_id=access_key_id,
         aws_secret_access_key=secret_access_key,
     )
-    where = f"bucket {bucket!r} at {endpoint_url or 'the default S3 endpoint'}"
+    where = f"bucket {bucket!r} at {client.meta.endpoint_url}"
     try:
         client.head_bucket(Bucket=bucket)
         return False
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
             raise StorageError(f"cannot check {where}: {error}", transient=False) from error
+    except NoCredentialsError as error:
+        hint = PERMANENT_FAILURES["Unable to locate credentials"]
+        raise StorageError(f"cannot check {where}: {hint}", transient=False) from error
     except BotoCoreError as error:
         raise StorageError(f"cannot reach {where}: {error}") from error
     options = {}
+    region = client.meta.region_name  # as given, else boto3's (AWS_DEFAULT_REGION, ~/.aws)
     if region and region != "us-east-1":  # us-east-1 takes no location constraint
         options["CreateBucketConfiguration"] = {"LocationConstraint": region}
     try:
@@ -232,12 +246,16 @@ def push(
     *,
     jobs: int | None = None,
     timeout_s: float | None = None,
+    unreachable_after_s: float = UNREACHABLE_AFTER_S,
 ) -> TransferResult:
     """`dvc push` of every DVC-tracked output in `repo_dir` to `remote` (default: the default).
 
-    Raises PushError naming the remote and endpoint, with DVC's error and a hint.
+    Raises PushError naming the remote and endpoint, with DVC's error and a hint. An S3
+    store that stops answering for `unreachable_after_s` ends the push at once (DVC itself
+    would retry every file in turn, for minutes): pushing again later uploads only what is
+    missing.
     """
-    return _transfer("push", repo_dir, remote, jobs, timeout_s)
+    return _transfer("push", repo_dir, remote, jobs, timeout_s, unreachable_after_s)
 
 
 def pull(
@@ -246,9 +264,46 @@ def pull(
     *,
     jobs: int | None = None,
     timeout_s: float | None = None,
+    unreachable_after_s: float = UNREACHABLE_AFTER_S,
 ) -> TransferResult:
     """`dvc pull`: fetch what `dvc.lock` / `*.dvc` name and check it out into the workspace."""
-    return _transfer("pull", repo_dir, remote, jobs, timeout_s)
+    return _transfer("pull", repo_dir, remote, jobs, timeout_s, unreachable_after_s)
+
+
+def store_reachable(remote: S3Remote, timeout_s: float = 3.0) -> bool:
+    """Whether the remote's S3 endpoint answers at all (any HTTP reply, even 403, counts).
+
+    Unsigned, so it needs no credentials; the endpoint is boto3's (`endpointurl`, else
+    AWS_ENDPOINT_URL, else AWS).
+    """
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=remote.endpoint_url,
+        region_name=remote.region or "us-east-1",
+        config=Config(
+            signature_version=UNSIGNED,
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            retries={"total_max_attempts": 1},
+        ),
+    )
+    try:
+        client.head_bucket(Bucket=remote.bucket)
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError):
+        return False
+    except Exception:  # noqa: BLE001 - any answer (403, 404...) means the store is there
+        return True
+    return True
 
 
 def _transfer(
@@ -257,32 +312,74 @@ def _transfer(
     remote_name: str | None,
     jobs: int | None,
     timeout_s: float | None,
+    unreachable_after_s: float,
 ) -> TransferResult:
     error_type = PushError if command == "push" else PullError
     try:
         remote = read_remote(repo_dir, remote_name)
     except StorageError as error:
         raise error_type(f"dvc {command}: {error}", transient=False) from None
+    if command == "push":
+        failed = f"dvc push to {remote.describe()} failed"
+        untouched = " (local data untouched; the next push uploads only what is missing)"
+    else:
+        failed = f"dvc pull from {remote.describe()} failed"
+        untouched = " (the next pull fetches only what is missing)"
+    watched = remote.url.startswith("s3://")
+    if watched and not store_reachable(remote):
+        raise error_type(f"{failed}: the store does not answer{untouched}")
     args = [sys.executable, "-m", "dvc", command, "--remote", remote.name]
     args += ["--jobs", str(jobs)] if jobs else []
-    started = time.monotonic()
+    started = last_answer = time.monotonic()
+    process = subprocess.Popen(
+        args,
+        cwd=repo_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, so it can be stopped whole
+    )
     try:
-        result = subprocess.run(
-            args, cwd=repo_dir, capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        raise error_type(
-            f"dvc {command} to {remote.describe()} did not finish in {timeout_s:.0f} s"
-        ) from None
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=PROBE_EVERY_S)
+                break
+            except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if timeout_s is not None and now - started > timeout_s:
+                    message = f"{failed}: not done in {timeout_s:.0f} s{untouched}"
+                    raise error_type(message) from None
+                if not watched or store_reachable(remote):
+                    last_answer = time.monotonic()
+                elif time.monotonic() - last_answer > unreachable_after_s:
+                    raise error_type(
+                        f"{failed}: the store stopped answering for {unreachable_after_s:.0f} s, "
+                        f"dvc {command} stopped{untouched}"
+                    ) from None
+    finally:
+        _stop(process)
     seconds = time.monotonic() - started
-    if result.returncode != 0:
-        message, transient = explain_failure(result.stderr or result.stdout)
-        raise error_type(
-            f"dvc {command} to {remote.describe()} failed (exit {result.returncode}): {message}",
-            transient=transient,
-        )
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    if process.returncode != 0:
+        message, transient = explain_failure(stderr or stdout)
+        raise error_type(f"{failed} (exit {process.returncode}): {message}", transient=transient)
+    lines = [line for line in stdout.splitlines() if line.strip()]
     return TransferResult(remote, seconds, lines[-1].strip() if lines else "")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a still-running DVC process group: SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.communicate(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def explain_failure(output: str) -> tuple[str, bool]:

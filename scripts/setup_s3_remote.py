@@ -3,11 +3,14 @@
     python scripts/setup_s3_remote.py s3://my-bucket/knapsack-rl \
         --endpoint-url http://127.0.0.1:8333 --create-bucket
 
-Writes the remote (URL, endpoint, region) to `.dvc/config`, which is committed, as the
-default remote. Credentials are never written there: they stay in the environment
-(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or `--save-credentials` copies them from
-the environment into `.dvc/config.local`, which git ignores. `--endpoint-url` defaults
-to AWS_ENDPOINT_URL when that is set (leave both out for AWS itself).
+Writes the remote (URL, and the endpoint and region when given) to `.dvc/config`, which
+is committed, as the default remote. Credentials are never written there: they stay in
+the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or `--save-credentials`
+copies them from the environment into `.dvc/config.local`, which git ignores.
+
+Leave `--endpoint-url` out for AWS itself, or when the endpoint differs from machine to
+machine (e.g. http://minio:9000 inside docker/compose.yaml, http://127.0.0.1:9000 on the
+host): then each machine sets AWS_ENDPOINT_URL, which DVC, s3fs and MLflow all read.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=DEFAULT_REMOTE, help="remote name (default: %(default)s)")
     parser.add_argument(
         "--endpoint-url",
-        default=os.environ.get("AWS_ENDPOINT_URL"),
-        help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL)",
+        help="S3-compatible endpoint to commit, e.g. http://127.0.0.1:8333 "
+        "(default: none; AWS_ENDPOINT_URL or AWS decide at run time)",
     )
-    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION"))
+    parser.add_argument("--region", help="region to commit (default: none; AWS_DEFAULT_REGION)")
     parser.add_argument("--create-bucket", action="store_true", help="create the bucket if missing")
     parser.add_argument(
         "--save-credentials",

@@ -66,7 +66,11 @@ def _git_dirty_files(repo_dir: str) -> list[str]:
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo_dir, capture_output=True, text=True, check=True, timeout=30,
+            cwd=repo_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         )
     except (OSError, subprocess.SubprocessError):
         return []

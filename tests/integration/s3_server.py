@@ -7,8 +7,9 @@ the S3 gateway accepts one identity read from an `-s3.config` file: unsigned or 
 signed requests are refused, as on a real store. The server runs in its own process
 group and is stopped by that group's id, never by name.
 
-Use `running_s3_server(folder)` as a context manager, or the `s3_server` fixture (one
-server per test module, with one bucket already made: `dvc push` does not make buckets).
+Use `running_s3_server(folder)` as a context manager (in a fixture), then make the
+buckets the test needs (`make_bucket`): `dvc push` does not make buckets, and neither
+does this server (`-s3.autoCreateBucket=false`, as on AWS).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class S3Server:
         _signal_group(self.process, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=10)
+        # A clean stop removes these; a SIGKILL leaves them (the path is fixed in weed).
+        for name in COMPONENTS:
+            grpc_port = self.ports[name] + GRPC_OFFSET
+            Path(f"/tmp/seaweedfs-{name}-grpc-{grpc_port}.sock").unlink(missing_ok=True)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after `timeout_s`."""
@@ -136,16 +141,23 @@ class S3Server:
         config_path.write_text(json.dumps(identities))
         ports = self.ports
         args = [
-            weed_binary(), "mini",
+            weed_binary(),
+            "mini",
             f"-dir={self.data_dir / 'data'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
             *(
                 flag
                 for name in COMPONENTS
-                for flag in (f"-{name}.port={ports[name]}",
-                             f"-{name}.port.grpc={ports[name] + GRPC_OFFSET}")
+                for flag in (
+                    f"-{name}.port={ports[name]}",
+                    f"-{name}.port.grpc={ports[name] + GRPC_OFFSET}",
+                )
             ),
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
             "-master.telemetry=false",
             "-s3.autoCreateBucket=false",  # like AWS: writing to a missing bucket fails
             f"-s3.config={config_path}",
@@ -236,11 +248,3 @@ def running_s3_server(folder: Path, *, seed: int | None = None) -> Iterator[S3Se
 
 def make_bucket(server: S3Server, bucket: str) -> None:
     server.client().create_bucket(Bucket=bucket)
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One `weed mini` per test module, with the bucket `TEST_BUCKET` made."""
-    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        make_bucket(server, TEST_BUCKET)
-        yield server

@@ -3,6 +3,7 @@ push/pull, MLflow artifacts, dataset sources, and a store that goes away mid-pus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -22,13 +23,7 @@ from pipeline_lib.data.schema import validate_prompts
 from pipeline_lib.data.sources import SourceError, read_source
 from pipeline_lib.storage import PushError, S3Remote, configure_dvc_remote, ensure_bucket
 from pipeline_lib.tracking import start_run
-from tests.integration.s3_server import (  # noqa: F401 - s3_server is a fixture
-    TEST_BUCKET,
-    S3Server,
-    make_bucket,
-    running_s3_server,
-    s3_server,
-)
+from tests.integration.s3_server import TEST_BUCKET, S3Server, make_bucket, running_s3_server
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +48,14 @@ stages:
     deps: [make.py]
     outs: [out]
 """
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One `weed mini` for this module (start-up: a second or two), with `TEST_BUCKET` made."""
+    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        make_bucket(server, TEST_BUCKET)
+        yield server
 
 
 @pytest.fixture
@@ -82,12 +85,24 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 def run(args: list[str], cwd: Path) -> str:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{args} failed:\n{output}"
     return result.stdout
 
 
-def dvc(*args: str, cwd: Path) -> str:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
+def dvc_add(repo: Path, target: str) -> None:
+    """`dvc add`, in this process (a `dvc` command costs seconds of start-up)."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(repo), Repo(".") as api:  # DVC resolves targets from the cwd
+        api.add(target)
+
+
+def dvc_repro(repo: Path) -> None:
+    from dvc.repo import Repo
+
+    with contextlib.chdir(repo), Repo(".") as api:
+        api.reproduce()
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -114,8 +129,11 @@ def test_server_checks_credentials(s3_server: S3Server) -> None:
     from botocore.exceptions import ClientError
 
     stranger = boto3.client(
-        "s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-        aws_access_key_id="unknown", aws_secret_access_key="wrong-secret",
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="unknown",
+        aws_secret_access_key="wrong-secret",
     )
     with pytest.raises(ClientError, match="InvalidAccessKeyId|AccessDenied|Forbidden"):
         stranger.list_objects_v2(Bucket=TEST_BUCKET)
@@ -179,23 +197,6 @@ def test_mlflow_artifacts_go_to_s3_and_come_back(
     assert (downloaded / "pipeline" / "dvc.lock").read_bytes() == (source / "dvc.lock").read_bytes()
 
 
-def test_dvc_remote_config_holds_no_secrets(s3_env: S3Server, tmp_path: Path) -> None:
-    """Keys given to the set-up land in the git-ignored config.local, never in .dvc/config."""
-    repo = new_dvc_repo(tmp_path / "repo")
-    remote = S3Remote(f"s3://{TEST_BUCKET}/dvc", endpoint_url=s3_env.endpoint_url)
-    configure_dvc_remote(
-        repo, remote, access_key_id=s3_env.access_key, secret_access_key=s3_env.secret_key
-    )
-
-    committed = (repo / ".dvc" / "config").read_text()
-    assert s3_env.endpoint_url in committed and remote.url in committed
-    assert s3_env.access_key not in committed and s3_env.secret_key not in committed
-    assert s3_env.secret_key in (repo / ".dvc" / "config.local").read_text()
-    git("check-ignore", "-q", ".dvc/config.local", cwd=repo)  # fails unless ignored
-    assert storage.committed_secrets(repo) == []
-    assert storage.read_remote(repo) == remote
-
-
 def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
     s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,10 +216,13 @@ def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     (repo / "make.py").write_text(MAKE_OUTPUTS.replace("VERSION_VALUE", "1"))
     (repo / "dvc.yaml").write_text(DVC_YAML)
-    dvc("repro", "-q", cwd=repo)
+    dvc_repro(repo)
     git("add", "-A", cwd=repo)
     git("commit", "-q", "-m", "v1", cwd=repo)
     first = tree_hashes(repo / "out")
+    committed_config = git("show", "HEAD:.dvc/config", cwd=repo)
+    assert s3_env.endpoint_url in committed_config
+    assert s3_env.access_key not in committed_config and s3_env.secret_key not in committed_config
 
     pushed = storage.push(repo)
     assert "pushed" in pushed.summary and pushed.remote.endpoint_url == s3_env.endpoint_url
@@ -230,16 +234,27 @@ def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
 
     # A second run leaves dvc.lock changed but uncommitted, as a deployment's run does.
     (repo / "make.py").write_text(MAKE_OUTPUTS.replace("VERSION_VALUE", "2"))
-    dvc("repro", "-q", cwd=repo)
+    dvc_repro(repo)
     second = tree_hashes(repo / "out")
     assert second != first
-    pushed_dict = {"remote": pushed.remote.name, "url": pushed.remote.url,
-                   "endpoint_url": s3_env.endpoint_url, "summary": storage.push(repo).summary}
+    pushed_dict = {
+        "remote": pushed.remote.name,
+        "url": pushed.remote.url,
+        "endpoint_url": s3_env.endpoint_url,
+        "summary": storage.push(repo).summary,
+    }
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_env.endpoint_url)
-    config = parse_config({"tracking": {"uri": uri, "experiment": "pin",
-                                        "artifact_location": f"s3://{TEST_BUCKET}/pin"}})
+    config = parse_config(
+        {
+            "tracking": {
+                "uri": uri,
+                "experiment": "pin",
+                "artifact_location": f"s3://{TEST_BUCKET}/pin",
+            }
+        }
+    )
     with start_run(uri, "pin", artifact_location=config.tracking.artifact_location) as parent:
         pass
     monkeypatch.chdir(repo)  # git_commit() reads the working directory's repository
@@ -248,7 +263,7 @@ def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
     tags = MlflowClient(uri).get_run(parent.run_id).data.tags
     assert tags["git_commit"] == git("rev-parse", "HEAD", cwd=repo).strip()
     assert "dvc.lock" in tags["git_dirty"] and tags["dvc.remote_url"] == f"s3://{bucket}/dvc"
-    lock = MlflowClient(uri).download_artifacts(parent.run_id, "dvc/dvc.lock", str(tmp_path / "pin"))
+    lock = MlflowClient(uri).download_artifacts(parent.run_id, "dvc/dvc.lock", str(tmp_path))
     shutil.copy(lock, clone / "dvc.lock")  # the clone is still at the recorded commit
     storage.pull(clone)
     assert tree_hashes(clone / "out") == second
@@ -259,13 +274,14 @@ def test_push_to_a_missing_bucket_or_with_a_wrong_key_fails_at_once_and_says_why
 ) -> None:
     repo = new_dvc_repo(tmp_path / "repo")
     (repo / "a.txt").write_text("a")
-    dvc("add", "-q", "a.txt", cwd=repo)
-    configure_dvc_remote(repo, S3Remote("s3://no-such-bucket/dvc", endpoint_url=s3_env.endpoint_url))
+    dvc_add(repo, "a.txt")
+    endpoint = s3_env.endpoint_url
+    configure_dvc_remote(repo, S3Remote("s3://no-such-bucket/dvc", endpoint_url=endpoint))
     with pytest.raises(PushError, match="remote 'storage'.*no-such-bucket.*create it") as missing:
         storage.push(repo)
     assert not missing.value.transient  # a retry cannot help: the task must not retry
 
-    configure_dvc_remote(repo, S3Remote(f"s3://{TEST_BUCKET}/dvc", endpoint_url=s3_env.endpoint_url))
+    configure_dvc_remote(repo, S3Remote(f"s3://{TEST_BUCKET}/dvc", endpoint_url=endpoint))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(PushError, match=s3_env.endpoint_url) as refused:
         storage.push(repo)
@@ -288,23 +304,27 @@ def fresh_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3
 def test_store_lost_mid_push_gives_a_clear_transient_error_and_loses_nothing_local(
     fresh_server: S3Server, tmp_path: Path
 ) -> None:
-    """Kill the server while `dvc push` uploads; then restart it and push again."""
+    """Kill the server while `dvc push` uploads; push while it is down; restart, push again."""
     server = fresh_server
     repo = new_dvc_repo(tmp_path / "repo")
     data = repo / "data"
     data.mkdir()
-    for index in range(600):
+    for index in range(250):
         (data / f"shard-{index:04d}.bin").write_bytes(os.urandom(8192))
-    (data / "checkpoint.bin").write_bytes(os.urandom(30_000_000))
-    dvc("add", "-q", "data", cwd=repo)
+    (data / "checkpoint.bin").write_bytes(os.urandom(5_000_000))
+    dvc_add(repo, "data")
     configure_dvc_remote(repo, S3Remote("s3://outage/dvc", endpoint_url=server.endpoint_url))
-    before = tree_hashes(data) | {f"cache/{k}": v for k, v in tree_hashes(repo / ".dvc" / "cache").items()}
 
+    def local_state() -> dict[str, str]:
+        cache = tree_hashes(repo / ".dvc" / "cache")
+        return tree_hashes(data) | {f".dvc/cache/{name}": h for name, h in cache.items()}
+
+    before = local_state()
     outcome: dict[str, object] = {}
 
     def push_in_background() -> None:
         try:
-            outcome["result"] = storage.push(repo, jobs=2)
+            outcome["result"] = storage.push(repo, jobs=2, unreachable_after_s=3)
         except PushError as error:
             outcome["error"] = error
 
@@ -313,21 +333,72 @@ def test_store_lost_mid_push_gives_a_clear_transient_error_and_loses_nothing_loc
     deadline = time.monotonic() + 120
     while not bucket_keys(server, "outage") and pusher.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    uploaded_before_kill = len(bucket_keys(server, "outage"))
     server.kill()
-    pusher.join(timeout=300)
+    killed_at = time.monotonic()
+    pusher.join(timeout=120)
 
     assert "result" not in outcome, "push finished before the outage: make the payload larger"
     error = outcome["error"]
-    assert isinstance(error, PushError) and error.transient
+    assert isinstance(error, PushError) and error.transient  # the Prefect task retries these
     assert "remote 'storage'" in str(error) and server.endpoint_url in str(error)
-    assert 0 < uploaded_before_kill < 601
-    after = tree_hashes(data) | {f"cache/{k}": v for k, v in tree_hashes(repo / ".dvc" / "cache").items()}
-    assert after == before
+    assert time.monotonic() - killed_at < 60  # not minutes of DVC retrying file after file
+    assert local_state() == before
+    with pytest.raises(PushError, match="does not answer") as down:
+        storage.push(repo)
+    assert down.value.transient
 
     server.start()  # same ports, same data folder
     assert "pushed" in storage.push(repo).summary
     shutil.rmtree(data)
     shutil.rmtree(repo / ".dvc" / "cache")
     storage.pull(repo)
-    assert tree_hashes(data) == {k: v for k, v in before.items() if not k.startswith("cache/")}
+    assert local_state() == before
+
+
+@pytest.mark.slow  # a temporary Prefect server: 15-60 s to start on 2 cores
+def test_push_task_retries_an_unreachable_store_with_backoff_then_fails_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through Prefect's engine: a transient failure is retried (waits growing), a missing
+    remote is not, and the final error names the remote and its endpoint."""
+    import socket
+
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.storage import push_outputs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once closed
+    down = new_dvc_repo(tmp_path / "down")
+    configure_dvc_remote(down, S3Remote("s3://bucket/dvc", endpoint_url=endpoint))
+    unconfigured = new_dvc_repo(tmp_path / "unconfigured")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    attempts: dict[str, list[float]] = {str(down): [], str(unconfigured): []}
+    real_push = storage.push
+
+    def counted_push(repo_dir: str, *args: object, **kwargs: object) -> storage.TransferResult:
+        attempts[repo_dir].append(time.monotonic())
+        return real_push(repo_dir, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "push", counted_push)  # counts the task's attempts, no more
+    quick = push_outputs.with_options(retries=2, retry_delay_seconds=[0.5, 1.0])
+
+    @flow
+    def push_and_report(repo_dir: str) -> str:
+        state = quick(repo_dir=repo_dir, return_state=True)
+        assert state.is_failed()
+        return str(state.result(raise_on_failure=False))
+
+    with prefect_test_harness(server_startup_timeout=300):
+        unreachable_error = push_and_report(str(down))
+        no_remote_error = push_and_report(str(unconfigured))
+
+    times = attempts[str(down)]
+    assert len(times) == 3  # the first try and 2 retries
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert gaps[0] >= 0.35 and gaps[1] > gaps[0]  # 0.5 s then 1 s, +-20 % jitter
+    assert "remote 'storage'" in unreachable_error and endpoint in unreachable_error
+    assert len(attempts[str(unconfigured)]) == 1  # not retried: no retry can help
+    assert "no default DVC remote" in no_remote_error
