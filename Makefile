@@ -66,3 +66,82 @@ bench: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# --- deployments and Docker ---
+# Prefect deployments of the pipeline flow are in prefect.yaml; the images and the team
+# stack (Prefect server, GPU worker, MLflow, MinIO) in docker/ (see docker/README.md).
+
+.PHONY: deploy-smoke docker-lint docker-build stack-up stack-down lock-gpu
+
+# A real Prefect server (own PREFECT_HOME, loopback) and process worker, `prefect deploy`,
+# and one tiny run of the `local` deployment, in a temporary copy of the project (your
+# workspace is not touched). Prints the final state; fails unless it is Completed.
+deploy-smoke: $(STAMP)
+	$(BIN)/python scripts/deploy_smoke.py
+
+# What can be checked without a Docker engine: hadolint on the Dockerfiles, the compose
+# file against the Compose Specification's JSON schema, and the assertions of the tests.
+docker-lint: $(STAMP)
+	$(BIN)/hadolint --failure-threshold error docker/Dockerfile.*
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+	$(BIN)/python -m pytest -q tests/test_docker_files.py tests/test_deployment_config.py
+
+# Regenerate the GPU image's lock after editing requirements/gpu.in (Linux x86_64, CUDA torch).
+lock-gpu:
+	@test -x $(UV) || $(BIN)/python -m pip install --quiet uv==0.9.30
+	$(UV) pip compile requirements/gpu.in --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header -o requirements/lock-gpu.txt
+
+# The targets below need a Docker engine, and the GPU worker an NVIDIA GPU with the NVIDIA
+# Container Toolkit: they cannot run on the development machines (no Docker daemon, no GPU).
+GPU_IMAGE ?= knapsack-rl-gpu:latest
+CPU_IMAGE ?= knapsack-rl-cpu:latest
+COMPOSE := docker compose -f docker/compose.yaml --env-file docker/.env
+
+docker-build:
+	docker build -f docker/Dockerfile.gpu -t $(GPU_IMAGE) .
+	docker build -f docker/Dockerfile.cpu -t $(CPU_IMAGE) .
+	docker build -f docker/Dockerfile.mlflow -t knapsack-rl-mlflow:latest docker
+
+# Start the team stack and wait until every service is healthy; `make stack-down` stops it
+# (named volumes, i.e. the databases and the bucket, are kept).
+stack-up: docker/.env
+	$(COMPOSE) up -d --build --wait
+
+stack-down: docker/.env
+	$(COMPOSE) down
+
+docker/.env:
+	@echo "docker/.env is missing: cp docker/.env.example docker/.env, then replace every change-me" >&2
+	@exit 1
+
+# A long-lived local stack for the `local` deployment (two terminals, state in .prefect/):
+#   make prefect-server      # UI and API on http://127.0.0.1:4200
+#   make prefect-worker      # process worker on `local-process` (creates the pool)
+#   make deploy              # register prefect.yaml's `local` deployment from this checkout
+# Set PREFECT_API_URL to use another server (the worker and deploy targets follow it).
+PREFECT_PORT ?= 4200
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+
+.PHONY: prefect-server prefect-worker deploy
+
+prefect-server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# The venv first on PATH: flow runs call `dvc`, whose stages call `python -m flows.<stage>`.
+prefect-worker: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH PREFECT_API_URL=$(PREFECT_API_URL) \
+		$(BIN)/prefect worker start --pool local-process --type process
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --name local
+
+# --- storage on S3 ---
+.PHONY: s3-remote push
+S3_URL ?= s3://knapsack-rl/dvc
+# DVC remote on S3 or an S3-compatible store (S3_ENDPOINT_URL); credentials stay in the environment.
+s3-remote: $(STAMP)
+	$(BIN)/python scripts/setup_s3_remote.py $(S3_URL) --create-bucket $(if $(S3_ENDPOINT_URL),--endpoint-url $(S3_ENDPOINT_URL))
+
+push: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.storage import push; print(push('.').summary)"

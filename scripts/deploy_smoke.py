@@ -173,20 +173,38 @@ def run_deployment(stack: Stack, parameters: Mapping[str, Any], deployment: str 
     args = ["prefect", "--no-prompt", "deployment", "run", deployment,
             "--params", json.dumps(dict(parameters)), "--watch",
             "--watch-timeout", str(int(timeout_s))]
-    result = subprocess.run(args, cwd=stack.project, env=stack.env, capture_output=True,
-                            text=True, timeout=timeout_s + 60)
-    output = result.stdout + result.stderr
+    try:
+        result = subprocess.run(args, cwd=stack.project, env=stack.env, capture_output=True,
+                                text=True, timeout=timeout_s + 60)
+        output = result.stdout + result.stderr
+    except subprocess.TimeoutExpired as expired:
+        output = _text(expired.stdout) + _text(expired.stderr)
     found = re.search(r"UUID: ([0-9a-f-]{36})", output)
     if found is None:
         raise RuntimeError(f"no flow run was created:\n{output[-3000:]}")
     flow_run_id = found.group(1)
+    state = flow_run_state(stack, flow_run_id)
+    if state.get("type") not in TERMINAL_STATES:
+        # Timed out: cancel it, so that stopping the worker leaves nothing running.
+        run_cli(["prefect", "flow-run", "cancel", flow_run_id], stack.project, stack.env)
+    return RunResult(flow_run_id=flow_run_id, state=state.get("name", "unknown"),
+                     message=state.get("message") or "", output=output)
+
+
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def flow_run_state(stack: Stack, flow_run_id: str) -> dict[str, Any]:
+    """The flow run's current state as the API reports it (type, name, message)."""
     inspected = json.loads(run_cli(
         ["prefect", "flow-run", "inspect", flow_run_id, "--output", "json"],
         stack.project, stack.env,
     ))
-    state = inspected.get("state") or {}
-    return RunResult(flow_run_id=flow_run_id, state=state.get("name", "unknown"),
-                     message=state.get("message") or "", output=output)
+    return inspected.get("state") or {}
+
+
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
 
 def flow_run_logs(stack: Stack, flow_run_id: str) -> str:

@@ -185,3 +185,11 @@ def test_env_example_defines_every_required_variable_with_placeholders_only():
     for key, value in example.items():
         if SECRET_NAME.search(key):
             assert value in {"", "change-me"}, f"{key} in .env.example looks like a real secret"
+
+
+def test_the_stack_env_file_is_git_ignored():
+    result = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=REPO_ROOT,
+                            capture_output=True, timeout=30)
+    if result.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert result.returncode == 0, "docker/.env must be listed in .gitignore"
