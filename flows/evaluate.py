@@ -28,7 +28,10 @@ def evaluate(params_path: str = "params.yaml", overrides: dict | None = None) ->
     }
     results: dict[str, dict[str, dict[str, float]]] = {}
     with stage_run(config, "evaluate") as tracker, open_engine(
-        config.train.backend, config.bootstrap.output_dir, config.seed
+        config.train.backend,
+        config.bootstrap.output_dir,
+        config.seed,
+        config.train.vllm_engine_kwargs,
     ) as engine:
         for name, policy_dir in policies.items():
             policy_hash = content_hash(policy_dir)

@@ -38,7 +38,7 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
     data_hash = content_hash(train_path) + content_hash(heldout_path)
     summaries = {}
     with stage_run(config, "train") as tracker, open_engine(
-        config.train.backend, start, config.seed
+        config.train.backend, start, config.seed, config.train.vllm_engine_kwargs
     ) as engine:
         for strategy in config.train.strategies:
             args = (config, strategy, start, start_hash, str(train_path), str(heldout_path),

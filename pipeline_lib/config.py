@@ -120,6 +120,10 @@ class TrainConfig(Section):
     )
     kl_coef: float = Field(0.0, ge=0)
     backend: Literal["vllm", "hf"] = "vllm"
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vllm.LLM arguments, e.g. {tensor_parallel_size: 2, dtype: bfloat16}.",
+    )
     reward_extraction: Literal["boxed", "answer_line", "last_number"] = "last_number"
     eval_every: int = Field(25, gt=0, description="Steps between held-out accuracy checks.")
     eval_prompts: int = Field(300, gt=0, description="Held-out prompts per check.")
