@@ -107,6 +107,7 @@ def grpo_update(
         return stats | {"train/update_seconds": time.perf_counter() - started}
 
     full_tokens = float(batch.response_mask.sum())
+    kept_tokens = float(batch.response_mask[rows].sum())
     full_rows = float(batch.response_mask.shape[0])
     seq_norm = float(batch.response_mask.shape[1])
     optimizer.zero_grad(set_to_none=True)
@@ -140,8 +141,10 @@ def grpo_update(
             "rollout/logprob_abs_diff_sum", 0.0
         ) + float(mismatch.abs().sum())
         totals["_tokens"] = totals.get("_tokens", 0.0) + float(mask.sum())
+        # Diagnostics (ratio, clip fraction, KL) average over the rows actually used.
+        share = float(mask.sum()) / max(kept_tokens, 1.0)
         for key, value in info.items():
-            totals[f"train/{key}"] = totals.get(f"train/{key}", 0.0) + float(value) * weight
+            totals[f"train/{key}"] = totals.get(f"train/{key}", 0.0) + float(value) * share
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     optimizer.step()
     model.eval()

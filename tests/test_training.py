@@ -105,3 +105,20 @@ def test_step_prompts_visit_each_prompt_once_per_epoch():
 def test_uniform_strategy_allocates_evenly(setup, tmp_path):
     result, _, _ = run(setup, tmp_path, strategy="uniform")
     assert (result.steps.loc[result.steps.step > 0, "alloc/max_rollouts"] == 4).all()
+
+
+def test_update_diagnostics_average_over_rows_with_signal():
+    from pipeline_lib.rollout.base import Completion
+    from pipeline_lib.update import UpdateSettings, build_update_batch, grpo_update
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                       intermediate_size=64, seed=0))
+    prompt = encode_prompts(tokenizer, ["  1+  2="])[0]
+    completions = [Completion(0, prompt, tokenizer.encode(t, add_special_tokens=False), [-1.0] * len(t), t, False)
+                   for t in ["3", "4", "5", "6"]]
+    advantages = torch.tensor([1.0, -1.0, 0.0, 0.0])  # half the rows carry no signal
+    batch = build_update_batch(completions, advantages, tokenizer.pad_token_id)
+    stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, UpdateSettings())
+    assert stats["train/rows_with_signal"] == 2
+    assert stats["train/ratio_mean"] == pytest.approx(1.0)  # on-policy: the ratio is exactly 1
