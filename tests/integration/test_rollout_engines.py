@@ -204,3 +204,13 @@ def test_weight_sync_moves_tied_output_layer_with_embeddings(
     follows = getattr(rollout_engine, "output_layer_follows_embeddings", None)
     if follows is not None:  # vLLM: ask the worker directly
         assert follows()
+
+
+def test_vllm_cpu_seeded_batch_of_long_prompts_keeps_the_engine_alive(session_vllm_engine):
+    """Regression: chunked prefill split seeded prompts and crashed vLLM on CPU (off by default)."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 10, (50,), generator=generator).tolist() for _ in range(100)]
+    groups = session_vllm_engine.generate(
+        prompts, [1] * len(prompts), SamplingConfig(max_new_tokens=4, seed=3)
+    )
+    assert [len(group) for group in groups] == [1] * 100
