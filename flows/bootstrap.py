@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from flows.common import load_stage_config, run_flow_cli
 from tasks.bootstrap import build_tiny_policy, import_pretrained_policy
-from tasks.prepare import TRAIN_FILE
 from tasks.tracking import stage_run
 
 
@@ -18,9 +15,12 @@ def bootstrap(params_path: str = "params.yaml", overrides: dict | None = None) -
     config = load_stage_config(params_path, overrides)
     with stage_run(config, "bootstrap") as tracker:
         if config.bootstrap.model == "tiny":
-            train_path = str(Path(config.prepare.output_dir) / TRAIN_FILE)
             path = build_tiny_policy(
-                config.bootstrap, train_path, config.seed, config.threads, tracker
+                config.bootstrap,
+                config.prepare.synthetic.levels,
+                config.seed,
+                config.threads,
+                tracker,
             )
         else:
             path = import_pretrained_policy(config.bootstrap)

@@ -70,9 +70,12 @@ class TinyModelParams(Section):
 class SFTParams(Section):
     """Supervised warm-up of the tiny policy, so success rates spread over (0, 1)."""
 
-    steps: int = Field(660, ge=0)
+    steps: int = Field(440, ge=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(256, gt=0)
+    prompts: int = Field(
+        20000, gt=0, description="SFT problems drawn from the train side of the synthetic split."
+    )
 
 
 class BootstrapConfig(Section):

@@ -7,7 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.config import BootstrapConfig
-from pipeline_lib.data.schema import read_prompts
+from pipeline_lib.data.synthetic import generate_arithmetic
 from pipeline_lib.policy.sft import SFTConfig, run_sft
 from pipeline_lib.policy.tiny import (
     TinyModelConfig,
@@ -21,9 +21,13 @@ from pipeline_lib.tracking import Tracker
 
 @task(cache_policy=NO_CACHE)
 def build_tiny_policy(
-    config: BootstrapConfig, train_path: str, seed: int, threads: int, tracker: Tracker
+    config: BootstrapConfig, levels: tuple[int, ...], seed: int, threads: int, tracker: Tracker
 ) -> str:
-    """Embedded default: character tokenizer + tiny Qwen2, SFT on the train split."""
+    """Embedded default: character tokenizer + tiny Qwen2, SFT on the synthetic train side.
+
+    SFT draws its own, larger pool from the train side of the hash split (so it never
+    sees a benchmark problem): SFT on the 2,048-prompt RL pool alone memorises it.
+    """
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     shape = config.tiny
@@ -37,7 +41,7 @@ def build_tiny_policy(
             seed=seed,
         ),
     )
-    train = read_prompts(train_path)
+    train = generate_arithmetic(config.sft.prompts, seed, list(levels), split="train")
     sft = SFTConfig(
         learning_rate=config.sft.learning_rate,
         batch_size=config.sft.batch_size,

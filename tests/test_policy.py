@@ -1,7 +1,10 @@
 """Tests of the tiny policy, checkpoint I/O and the supervised warm-up."""
 
+import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline_lib.policy.sft import (
     IGNORE_INDEX,
@@ -23,6 +26,11 @@ from pipeline_lib.policy.tiny import (
 TEXT = "  12+ 345=357"
 
 
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return build_char_tokenizer()
+
+
 def test_tokenizer_gives_one_token_per_character_and_round_trips():
     tokenizer = build_char_tokenizer()
     ids = tokenizer(TEXT)["input_ids"]
@@ -31,6 +39,17 @@ def test_tokenizer_gives_one_token_per_character_and_round_trips():
     assert tokenizer.decode(ids) == TEXT
     assert tokenizer.decode([*ids, tokenizer.eos_token_id], skip_special_tokens=True) == TEXT
     assert len(tokenizer) == len(CHARACTERS) + 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=CHARACTERS, max_size=40))
+def test_any_text_over_the_alphabet_is_one_token_per_character_and_round_trips(
+    char_tokenizer, text
+):
+    tokenizer = char_tokenizer
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
 
 
 def test_tokenizer_reloads_identically_alone_and_next_to_a_qwen2_config(tmp_path):

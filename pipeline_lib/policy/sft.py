@@ -21,7 +21,9 @@ IGNORE_INDEX = -100  # label value that Hugging Face losses skip
 
 
 def _default_level_weights() -> dict[int, float]:
-    return {1: 4.0, 2: 4.0, 3: 2.0, 4: 2.0, 5: 1.0, 6: 1.0}
+    # Measured (scripts/measure_sft.py): with 4,4,2,2,1,1 levels 1-3 saturate while
+    # 4-5 stay near 0.1; shifting weight from level 3 to levels 4-5 spreads them out.
+    return {1: 4.0, 2: 4.0, 3: 1.0, 4: 2.0, 5: 2.0, 6: 1.0}
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class SFTConfig:
     """AdamW decoupled weight decay."""
     batch_size: int = 256
     """Examples per optimiser step."""
-    num_steps: int = 660
-    """Optimiser steps; more leaves less for RL to learn."""
+    num_steps: int = 440
+    """Optimiser steps. Held-out accuracy jumps between about 420 and 480 steps
+    (levels 3-5 learn carrying); 440 stops partway, so RL has room to improve."""
     level_weights: Mapping[int, float] = field(default_factory=_default_level_weights)
     """Relative sampling weight of each difficulty level (levels not listed weigh 1)."""
     max_grad_norm: float = 1.0

@@ -26,6 +26,7 @@ TINY_OVERRIDES = {
     "prepare.synthetic.benchmark_prompts": 32,
     "bootstrap.sft.steps": 40,
     "bootstrap.sft.batch_size": 64,
+    "bootstrap.sft.prompts": 2000,
     "train.steps": 3,
     "train.prompts_per_step": 16,
     "train.eval_every": 2,
