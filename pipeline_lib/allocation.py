@@ -17,7 +17,7 @@ which keeps memory O(M) (100,000 prompts with N_up = 256 in well under a second)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
 
@@ -28,6 +28,8 @@ AllocationStrategy = Literal["knapsack", "uniform"]
 # Bisection stops once the undecided increments fit in this many candidates,
 # which are then ranked exactly by sorting.
 _MAX_CANDIDATES = 1 << 20
+# The dense path first ranks this many increments per item (see `_take_best_dense`).
+_FIRST_COLUMNS = 24
 
 
 def rollout_value(num_rollouts: np.ndarray, success_rates: np.ndarray) -> np.ndarray:
@@ -156,7 +158,7 @@ def _top_increments(inc: _Increments, budget: float) -> np.ndarray:
     if weight_of(inc.capacity) <= budget:
         return inc.capacity.copy()
     if int(inc.capacity.sum()) <= _MAX_CANDIDATES:  # small enough to rank every increment
-        return _take_best(inc, np.zeros_like(inc.capacity), inc.capacity, budget)
+        return _take_best_dense(inc, budget)
     # Bracket the threshold around a sampled estimate, widening until it holds:
     # everything above `hi` fits the budget, everything above `lo` does not.
     estimate = _sample_threshold(inc, budget)
@@ -182,6 +184,28 @@ def _top_increments(inc: _Increments, budget: float) -> np.ndarray:
             lo_bits, counts_lo = mid_bits, counts_mid
 
     return counts_hi + _take_best(inc, counts_hi, counts_lo - counts_hi, budget - weight_of(counts_hi))
+
+
+def _take_best_dense(inc: _Increments, budget: float) -> np.ndarray:
+    """Rank every increment, trying the first `_FIRST_COLUMNS` of each item first.
+
+    Most items take a few increments, so ranking only the first columns is usually
+    enough; it is provably the full answer when every item cut off there has its
+    next increment worth no more than the weakest one taken (gains never rise
+    with k, and ties go to lower k first). Otherwise rank the full grid.
+    """
+    zeros = np.zeros_like(inc.capacity)
+    unit = bool(np.all(inc.weight == 1.0))
+    if unit and int(inc.capacity.max()) > _FIRST_COLUMNS:
+        cut = replace(inc, capacity=np.minimum(inc.capacity, _FIRST_COLUMNS))
+        counts = _take_best(cut, zeros, cut.capacity, budget)
+        if int(counts.sum()) == int(budget + 1e-9):
+            taken = np.flatnonzero(counts > 0)
+            weakest = inc.gains(taken, counts[taken] - 1).min() if taken.size else np.inf
+            clipped = np.flatnonzero((counts == _FIRST_COLUMNS) & (inc.capacity > _FIRST_COLUMNS))
+            if not clipped.size or inc.gains(clipped, counts[clipped]).max() <= weakest:
+                return counts
+    return _take_best(inc, zeros, inc.capacity, budget)
 
 
 def _take_best(

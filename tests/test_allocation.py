@@ -188,3 +188,24 @@ def test_uniform_baseline_spends_exact_budget_evenly():
 def test_unknown_strategy_is_named_in_the_error():
     with pytest.raises(ValueError, match="'greedy'"):
         allocate_rollouts(np.array([0.5]), 8, strategy="greedy")  # type: ignore[arg-type]
+
+
+@st.composite
+def wide_problems(draw):
+    """Few prompts, wide rollout ranges: exercises the truncated-then-full ranking."""
+    num_prompts = draw(st.integers(1, 4))
+    p = np.array(draw(st.lists(rates, min_size=num_prompts, max_size=num_prompts)))
+    low = draw(st.integers(0, 2))
+    high = draw(st.integers(low + 20, low + 60))
+    budget = draw(st.integers(num_prompts * low, num_prompts * high))
+    return p, budget, low, high
+
+
+@settings(max_examples=60, deadline=None)
+@given(wide_problems())
+def test_knapsack_matches_dp_with_wide_rollout_ranges(problem):
+    p, budget, low, high = problem
+    n = knapsack_allocate(p, budget, low, high)
+    assert n.sum() == min(budget, p.size * high) and n.min() >= low and n.max() <= high
+    value = rollout_value(n, p).sum()
+    assert value == pytest.approx(dp_optimum(p, budget, low, high), rel=1e-12, abs=1e-15)
