@@ -35,7 +35,11 @@ def run_flow_cli(flow_fn: Callable[..., Any]) -> None:
     parser = argparse.ArgumentParser(description=flow_fn.__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument(
-        "-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a param, e.g. -S train.steps=10 (repeatable)",
     )
     args = parser.parse_args()

@@ -19,7 +19,7 @@ SUMMARY = Path("metrics/summary.json")
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(params_path: str = "params.yaml", overrides: dict | None = None) -> dict:
-    """Score each policy (start + one per strategy) on each benchmark; write metrics/summary.json."""
+    """Score each policy (start + one per strategy) on each benchmark; write the summary."""
     config = load_stage_config(params_path, overrides)
     prepared = Path(config.prepare.output_dir)
     benchmarks = sorted(p for p in prepared.glob("*.parquet") if p.name != TRAIN_FILE)
@@ -27,12 +27,15 @@ def evaluate(params_path: str = "params.yaml", overrides: dict | None = None) ->
         s: str(Path(config.train.output_dir) / s) for s in config.train.strategies
     }
     results: dict[str, dict[str, dict[str, float]]] = {}
-    with stage_run(config, "evaluate") as tracker, open_engine(
-        config.train.backend,
-        config.bootstrap.output_dir,
-        config.seed,
-        config.train.vllm_engine_kwargs,
-    ) as engine:
+    with (
+        stage_run(config, "evaluate") as tracker,
+        open_engine(
+            config.train.backend,
+            config.bootstrap.output_dir,
+            config.seed,
+            config.train.vllm_engine_kwargs,
+        ) as engine,
+    ):
         for name, policy_dir in policies.items():
             policy_hash = content_hash(policy_dir)
             for bench in benchmarks:
@@ -60,19 +63,27 @@ def mlflow_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-def summarize(results: dict, benchmarks: list[Path], strategies: tuple[str, ...]) -> dict[str, float]:
+def summarize(
+    results: dict, benchmarks: list[Path], strategies: tuple[str, ...]
+) -> dict[str, float]:
     """The headline numbers: accuracy on the main benchmark per policy, training ratios, speed."""
     names = [b.stem for b in benchmarks]
     main = SYNTHETIC_BENCHMARK if SYNTHETIC_BENCHMARK in names else names[0]
     summary = {"benchmark": main, "start_accuracy": results["start"][main]["accuracy"]}
     train_summary_path = Path("metrics/train.json")
-    train_summary = json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
+    train_summary = (
+        json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
+    )
     for strategy in strategies:
         summary[f"{strategy}_accuracy"] = results[strategy][main]["accuracy"]
         summary[f"{strategy}_accuracy_ci_low"] = results[strategy][main]["accuracy_ci_low"]
         summary[f"{strategy}_accuracy_ci_high"] = results[strategy][main]["accuracy_ci_high"]
         trained = train_summary.get(strategy, {})
-        for key in ("mean_effective_gradient_ratio", "rollout_tokens_per_second", "mean_step_seconds"):
+        for key in (
+            "mean_effective_gradient_ratio",
+            "rollout_tokens_per_second",
+            "mean_step_seconds",
+        ):
             if key in trained:
                 short = key.removeprefix("mean_")
                 summary[f"{strategy}_{short}"] = trained[key]

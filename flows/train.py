@@ -37,12 +37,24 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
     start_hash = content_hash(start)
     data_hash = content_hash(train_path) + content_hash(heldout_path)
     summaries = {}
-    with stage_run(config, "train") as tracker, open_engine(
-        config.train.backend, start, config.seed, config.train.vllm_engine_kwargs
-    ) as engine:
+    with (
+        stage_run(config, "train") as tracker,
+        open_engine(
+            config.train.backend, start, config.seed, config.train.vllm_engine_kwargs
+        ) as engine,
+    ):
         for strategy in config.train.strategies:
-            args = (config, strategy, start, start_hash, str(train_path), str(heldout_path),
-                    data_hash, engine, tracker)
+            args = (
+                config,
+                strategy,
+                start,
+                start_hash,
+                str(train_path),
+                str(heldout_path),
+                data_hash,
+                engine,
+                tracker,
+            )
             summary = train_strategy(*args)
             if not Path(str(summary["policy_dir"])).exists():  # cached, but outputs were removed
                 summary = train_strategy.with_options(refresh_cache=True)(*args)

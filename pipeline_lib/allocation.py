@@ -76,7 +76,9 @@ class _Increments:
         log_p, log_q = self._logs
         n = self.start[rows] + k
         # exp(n * log p) is several times faster than p ** n on large arrays.
-        return self._scale[rows] * (np.exp(n * log_p[rows]) * (1.0 - p) + np.exp(n * log_q[rows]) * p)
+        return self._scale[rows] * (
+            np.exp(n * log_p[rows]) * (1.0 - p) + np.exp(n * log_q[rows]) * p
+        )
 
     def all_gains(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every increment as (rows, k, gains), ordered by k and then by row.
@@ -90,7 +92,9 @@ class _Increments:
         steps_q = np.broadcast_to(q, (k_max, self.p.size)).copy()
         steps_p[0] = self.p**self.start
         steps_q[0] = q**self.start
-        grid = self._scale * (np.cumprod(steps_p, axis=0) * q + np.cumprod(steps_q, axis=0) * self.p)
+        grid = self._scale * (
+            np.cumprod(steps_p, axis=0) * q + np.cumprod(steps_q, axis=0) * self.p
+        )
         if np.all(self.capacity == k_max):
             rows = np.tile(np.arange(self.p.size), k_max)
             return rows, np.repeat(np.arange(k_max), self.p.size), grid.ravel()
@@ -183,7 +187,9 @@ def _top_increments(inc: _Increments, budget: float) -> np.ndarray:
         else:
             lo_bits, counts_lo = mid_bits, counts_mid
 
-    return counts_hi + _take_best(inc, counts_hi, counts_lo - counts_hi, budget - weight_of(counts_hi))
+    return counts_hi + _take_best(
+        inc, counts_hi, counts_lo - counts_hi, budget - weight_of(counts_hi)
+    )
 
 
 def _take_best_dense(inc: _Increments, budget: float) -> np.ndarray:
@@ -276,8 +282,9 @@ def _validate(success_rates: np.ndarray, min_rollouts: int, max_rollouts: int) -
     if success_rates.ndim != 1:
         raise ValueError(f"success_rates must be 1-D, got shape {success_rates.shape}")
     if not np.all(np.isfinite(success_rates)):
-        raise ValueError("success_rates must be finite (NaN marks unseen prompts only in "
-                         "allocate_rollouts)")
+        raise ValueError(
+            "success_rates must be finite (NaN marks unseen prompts only in allocate_rollouts)"
+        )
     if np.any((success_rates < 0) | (success_rates > 1)):
         raise ValueError("success_rates must lie in [0, 1]")
     if min_rollouts < 0 or max_rollouts < min_rollouts:

@@ -156,7 +156,9 @@ class EvaluateConfig(Section):
     def _k_within_samples(self) -> EvaluateConfig:
         too_big = [k for k in self.pass_at if k > self.samples_per_prompt]
         if too_big:
-            raise ValueError(f"pass_at {too_big} exceeds samples_per_prompt {self.samples_per_prompt}")
+            raise ValueError(
+                f"pass_at {too_big} exceeds samples_per_prompt {self.samples_per_prompt}"
+            )
         return self
 
 

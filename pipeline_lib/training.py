@@ -71,7 +71,9 @@ class TrainingResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def step_prompts(num_prompts: int, step: int, prompts_per_step: int, seed: int) -> tuple[int, np.ndarray]:
+def step_prompts(
+    num_prompts: int, step: int, prompts_per_step: int, seed: int
+) -> tuple[int, np.ndarray]:
     """(epoch, prompt indices) of a step: each epoch visits the pool once in a seeded order."""
     steps_per_epoch = max(num_prompts // prompts_per_step, 1)
     epoch, offset = divmod(step, steps_per_epoch)
@@ -80,9 +82,7 @@ def step_prompts(num_prompts: int, step: int, prompts_per_step: int, seed: int) 
     return epoch, order[start : start + prompts_per_step]
 
 
-def grade(
-    completions: Sequence[Completion], answers: Sequence[str], extraction: str
-) -> np.ndarray:
+def grade(completions: Sequence[Completion], answers: Sequence[str], extraction: str) -> np.ndarray:
     """Rewards float[len(completions)] for completions paired with their reference answers."""
     return np.asarray(grade_batch([c.text for c in completions], list(answers), extraction))
 
@@ -215,7 +215,9 @@ def train_policy(
         step_started = time.perf_counter()
         epoch, indices = step_prompts(len(train_set), step, config.prompts_per_step, seed)
         if current_epoch is not None and epoch != current_epoch and epoch_rollouts:
-            _log_epoch_plots(tracker, current_epoch, epoch_predicted, epoch_realised, epoch_rollouts)
+            _log_epoch_plots(
+                tracker, current_epoch, epoch_predicted, epoch_realised, epoch_rollouts
+            )
             epoch_predicted, epoch_realised, epoch_rollouts = [], [], []
         current_epoch = epoch
         ids = [train_set.ids[i] for i in indices]
@@ -248,8 +250,11 @@ def train_policy(
         group_ids = torch.tensor([c.prompt_index for c in flat], dtype=torch.long)
 
         # 3. rewards, status, advantages
-        rewards = grade(flat, [train_set.answers[indices[c.prompt_index]] for c in flat],
-                        config.reward_extraction)
+        rewards = grade(
+            flat,
+            [train_set.answers[indices[c.prompt_index]] for c in flat],
+            config.reward_extraction,
+        )
         reward_tensor = torch.tensor(rewards, dtype=torch.float32)
         successes = np.bincount(group_ids.numpy(), weights=rewards >= 0.5, minlength=len(ids))
         status = record_visit(status, epoch, ids, allocation.rollouts, successes.astype(np.int64))

@@ -153,7 +153,11 @@ def grpo_update(
     totals["rollout/logprob_abs_diff"] = totals.pop("rollout/logprob_abs_diff_sum") / max(
         tokens, 1.0
     )
-    return stats | totals | {
-        "train/grad_norm": float(grad_norm),
-        "train/update_seconds": time.perf_counter() - started,
-    }
+    return (
+        stats
+        | totals
+        | {
+            "train/grad_norm": float(grad_norm),
+            "train/update_seconds": time.perf_counter() - started,
+        }
+    )

@@ -50,8 +50,12 @@ def build_tiny_policy(
         num_threads=threads,
     )
     metrics = run_sft(
-        model, tokenizer, train["problem"].tolist(), train["answer"].tolist(),
-        train["level"].tolist(), sft,
+        model,
+        tokenizer,
+        train["problem"].tolist(),
+        train["answer"].tolist(),
+        train["level"].tolist(),
+        sft,
     )
     tracker.log_metrics(metrics)
     return str(save_policy(model, tokenizer, config.output_dir))

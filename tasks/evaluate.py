@@ -33,7 +33,9 @@ def evaluate_policy(
     engine.update_weights(model.state_dict())
     table = read_prompts(benchmark_path)
     token_ids = encode_prompts(
-        tokenizer, table["problem"].tolist(), config.bootstrap.prompt_template,
+        tokenizer,
+        table["problem"].tolist(),
+        config.bootstrap.prompt_template,
         config.bootstrap.instruction,
     )
     k = config.evaluate.samples_per_prompt

@@ -96,7 +96,9 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[Tracker]:
         artifact_location=config.tracking.artifact_location,
         flush_every=FLUSH_EVERY,
     ) as tracker:
-        tracker.log_params({stage: getattr(config, stage).model_dump(mode="json"), "seed": config.seed})
+        tracker.log_params(
+            {stage: getattr(config, stage).model_dump(mode="json"), "seed": config.seed}
+        )
         yield tracker
         for name in ("params.yaml", "dvc.lock"):
             if Path(name).exists():

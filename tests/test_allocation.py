@@ -142,7 +142,9 @@ def test_token_knapsack_prefers_cheap_prompts_at_equal_value():
 
 
 def test_rollouts_for_confidence_matches_the_formula():
-    assert rollouts_for_confidence(np.array([0.5]), 0.9)[0] == pytest.approx(np.log(0.1) / np.log(0.5))
+    assert rollouts_for_confidence(np.array([0.5]), 0.9)[0] == pytest.approx(
+        np.log(0.1) / np.log(0.5)
+    )
 
 
 def test_policy_floors_unseen_and_exact_budget():

