@@ -56,7 +56,8 @@ class VLLMEngine:
     start-up: a run is still reproducible (same calls in the same order), and it
     skips vLLM's per-request generators, which cost some throughput.
 
-    Environment: sets `VLLM_NO_USAGE_STATS=1` and `DO_NOT_TRACK=1` unless already
+    Environment: sets `VLLM_NO_USAGE_STATS=1`, `DO_NOT_TRACK=1` and
+    `VLLM_LOGGING_LEVEL=WARNING` unless already
     set (vLLM reads them at start-up; nothing is sent anywhere).
     """
 
@@ -91,6 +92,8 @@ class VLLMEngine:
         """
         _set_env_default("VLLM_NO_USAGE_STATS", "1")
         _set_env_default("DO_NOT_TRACK", "1")
+        # vLLM logs two INFO lines per weight sync: they would bury the progress bars.
+        _set_env_default("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM  # imported here: vLLM is heavy and absent on some machines
 
         if not torch.cuda.is_available():
