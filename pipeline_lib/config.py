@@ -127,6 +127,12 @@ class TrainConfig(Section):
         default_factory=dict,
         description="Extra vllm.LLM arguments, e.g. {tensor_parallel_size: 2, dtype: bfloat16}.",
     )
+    update_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes for the GRPO update: 1 in the training process; N > 1 "
+        "shards it over N GPUs with FSDP through accelerate (data-parallel on CPU).",
+    )
     reward_extraction: Literal["boxed", "answer_line", "last_number"] = "last_number"
     eval_every: int = Field(25, gt=0, description="Steps between held-out accuracy checks.")
     eval_prompts: int = Field(300, gt=0, description="Held-out prompts per check.")

@@ -9,6 +9,7 @@ completed step without repeating its rollouts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from pipeline_lib.status import (
     save_status,
 )
 from pipeline_lib.tracking import Tracker
-from pipeline_lib.update import UpdateSettings, build_update_batch, grpo_update
+from pipeline_lib.update import Updater, UpdateSettings, build_update_batch, open_updater
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -108,7 +109,7 @@ def _save_checkpoint(
     fingerprint: str,
     model: transformers.PreTrainedModel,
     tokenizer: transformers.PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer,
+    updater: Updater,
     status: pd.DataFrame,
     history: list[dict[str, float]],
     run_id: str | None,
@@ -119,7 +120,7 @@ def _save_checkpoint(
     staging.mkdir(parents=True)
     model.save_pretrained(staging / "policy")
     tokenizer.save_pretrained(staging / "policy")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(updater.optimizer_state_dict(), staging / "optimizer.pt")
     save_status(status, staging / "status.parquet")
     pd.DataFrame(history).to_csv(staging / "history.csv", index=False)
     meta = {"step": step, "fingerprint": fingerprint, "mlflow_run_id": run_id}
@@ -158,16 +159,16 @@ def train_policy(
 
     Resumes from `state_dir` when it holds a checkpoint with the same `fingerprint`.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     status = empty_status()
     history: list[dict[str, float]] = []
     first_step = 0
+    optimizer_state = None
     meta = read_checkpoint_meta(state_dir)
     if meta is not None and meta["fingerprint"] == fingerprint:
         saved = state_dir / CHECKPOINT_DIR
         restored = type(model).from_pretrained(saved / "policy", dtype=model.dtype)
         model.load_state_dict(restored.state_dict())
-        optimizer.load_state_dict(torch.load(saved / "optimizer.pt"))
+        optimizer_state = torch.load(saved / "optimizer.pt")
         status = load_status(saved / "status.parquet")
         history = pd.read_csv(saved / "history.csv").to_dict("records")
         first_step = int(meta["step"]) + 1
@@ -181,156 +182,174 @@ def train_policy(
         aggregation=config.loss_aggregation,
         kl_coef=config.kl_coef,
     )
-    eval_sampling = SamplingConfig(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=seed
+    # Opened after the restore: a worker group copies the model's weights when it starts.
+    updater = open_updater(
+        model,
+        processes=config.update_processes,
+        learning_rate=config.learning_rate,
+        settings=settings,
     )
-    eval_subset = PromptSet(
-        heldout_set.ids[: config.eval_prompts],
-        heldout_set.token_ids[: config.eval_prompts],
-        heldout_set.answers[: config.eval_prompts],
-    )
-    epoch_predicted: list[np.ndarray] = []
-    epoch_realised: list[np.ndarray] = []
-    epoch_rollouts: list[np.ndarray] = []
-    current_epoch = None
-
-    def evaluate_now() -> float:
-        return heldout_accuracy(
-            engine, eval_subset, eval_sampling, config.eval_samples, config.reward_extraction
+    with contextlib.closing(updater):
+        if optimizer_state is not None:
+            updater.load_optimizer_state_dict(optimizer_state)
+        eval_sampling = SamplingConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=seed
         )
+        eval_subset = PromptSet(
+            heldout_set.ids[: config.eval_prompts],
+            heldout_set.token_ids[: config.eval_prompts],
+            heldout_set.answers[: config.eval_prompts],
+        )
+        epoch_predicted: list[np.ndarray] = []
+        epoch_realised: list[np.ndarray] = []
+        epoch_rollouts: list[np.ndarray] = []
+        current_epoch = None
 
-    if first_step == 0:
-        history.append({"step": 0, "epoch": 0, "eval/accuracy": evaluate_now()})
-        tracker.log_metrics({"eval/accuracy": history[-1]["eval/accuracy"]}, step=0)
+        def evaluate_now() -> float:
+            return heldout_accuracy(
+                engine, eval_subset, eval_sampling, config.eval_samples, config.reward_extraction
+            )
 
-    bar = tqdm(
-        range(first_step, config.steps),
-        desc=f"GRPO [{strategy}]",
-        unit="step",
-        disable=not progress,
-        initial=first_step,
-        total=config.steps,
-    )
-    for step in bar:
-        step_started = time.perf_counter()
-        epoch, indices = step_prompts(len(train_set), step, config.prompts_per_step, seed)
-        if current_epoch is not None and epoch != current_epoch and epoch_rollouts:
+        if first_step == 0:
+            history.append({"step": 0, "epoch": 0, "eval/accuracy": evaluate_now()})
+            tracker.log_metrics({"eval/accuracy": history[-1]["eval/accuracy"]}, step=0)
+
+        bar = tqdm(
+            range(first_step, config.steps),
+            desc=f"GRPO [{strategy}]",
+            unit="step",
+            disable=not progress,
+            initial=first_step,
+            total=config.steps,
+        )
+        for step in bar:
+            step_started = time.perf_counter()
+            epoch, indices = step_prompts(len(train_set), step, config.prompts_per_step, seed)
+            if current_epoch is not None and epoch != current_epoch and epoch_rollouts:
+                _log_epoch_plots(
+                    tracker, current_epoch, epoch_predicted, epoch_realised, epoch_rollouts
+                )
+                epoch_predicted, epoch_realised, epoch_rollouts = [], [], []
+            current_epoch = epoch
+            ids = [train_set.ids[i] for i in indices]
+
+            # 1. status -> allocation
+            alloc_started = time.perf_counter()
+            predicted = estimate_success_rates(status, ids, method=config.status_estimator)
+            allocation = allocate_rollouts(
+                predicted,
+                budget,
+                strategy=strategy,  # type: ignore[arg-type]
+                min_rollouts=config.min_rollouts,
+                max_rollouts=config.max_rollouts,
+                unseen_rollouts=config.rollouts_per_prompt,
+                fallback_confidence=config.fallback_confidence,
+            )
+            alloc_seconds = time.perf_counter() - alloc_started
+
+            # 2. rollout with a different n per prompt
+            sampling = SamplingConfig(
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                seed=seed * 100_003 + step,
+            )
+            groups = engine.generate(
+                [train_set.token_ids[i] for i in indices], allocation.rollouts.tolist(), sampling
+            )
+            rollout_stats = engine.last_stats
+            flat = [c for group in groups for c in group]
+            group_ids = torch.tensor([c.prompt_index for c in flat], dtype=torch.long)
+
+            # 3. rewards, status, advantages
+            rewards = grade(
+                flat,
+                [train_set.answers[indices[c.prompt_index]] for c in flat],
+                config.reward_extraction,
+            )
+            reward_tensor = torch.tensor(rewards, dtype=torch.float32)
+            successes = np.bincount(group_ids.numpy(), weights=rewards >= 0.5, minlength=len(ids))
+            status = record_visit(
+                status, epoch, ids, allocation.rollouts, successes.astype(np.int64)
+            )
+            advantages = group_advantages(
+                reward_tensor,
+                group_ids,
+                normalize_std=config.normalize_std,
+                clip=config.advantage_clip,
+            )
+
+            # 4. GRPO update, then sync the engine
+            batch = build_update_batch(flat, advantages, tokenizer.pad_token_id)
+            update_stats = updater.update(batch)
+            sync_started = time.perf_counter()
+            engine.update_weights(model.state_dict())
+            sync_seconds = time.perf_counter() - sync_started
+
+            seen = ~np.isnan(predicted)
+            epoch_predicted.append(predicted[seen])
+            epoch_realised.append(successes[seen] / allocation.rollouts[seen])
+            epoch_rollouts.append(allocation.rollouts)
+            zero_value = (predicted == 0) | (predicted == 1)
+            metrics = {
+                "alloc/mean_rollouts": float(allocation.rollouts.mean()),
+                "alloc/max_rollouts": float(allocation.rollouts.max()),
+                "alloc/zero_value_prompts": float(zero_value.sum()),
+                "alloc/unseen_prompts": float((~seen).sum()),
+                "alloc/fallback_rollouts": float(allocation.fallback_rollouts),
+                "alloc/seconds": alloc_seconds,
+                "rollout/success_rate": float(rewards.mean()),
+                "rollout/effective_gradient_ratio": effective_gradient_ratio(
+                    reward_tensor, group_ids
+                ),
+                "rollout/tokens": float(rollout_stats.num_generated_tokens if rollout_stats else 0),
+                "rollout/tokens_per_s": float(
+                    rollout_stats.tokens_per_second if rollout_stats else 0
+                ),
+                "rollout/seconds": float(rollout_stats.seconds if rollout_stats else 0),
+                "sync/seconds": sync_seconds,
+            } | update_stats
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                metrics["eval/accuracy"] = evaluate_now()
+
+            record = {"step": step + 1, "epoch": epoch} | metrics
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                _save_checkpoint(
+                    state_dir,
+                    step=step,
+                    fingerprint=fingerprint,
+                    model=model,
+                    tokenizer=tokenizer,
+                    updater=updater,
+                    status=status,
+                    history=history + [record],
+                    run_id=tracker.run_id,
+                )
+            metrics["time/step_seconds"] = time.perf_counter() - step_started
+            tracking_started = time.perf_counter()
+            tracker.log_metrics(metrics, step=step + 1)
+            metrics["time/tracking_seconds"] = time.perf_counter() - tracking_started
+            history.append({"step": step + 1, "epoch": epoch} | metrics)
+            bar.set_postfix(
+                egr=f"{metrics['rollout/effective_gradient_ratio']:.2f}",
+                acc=f"{history_accuracy(history):.3f}",
+            )
+        bar.close()
+        if epoch_rollouts and current_epoch is not None:
             _log_epoch_plots(
                 tracker, current_epoch, epoch_predicted, epoch_realised, epoch_rollouts
             )
-            epoch_predicted, epoch_realised, epoch_rollouts = [], [], []
-        current_epoch = epoch
-        ids = [train_set.ids[i] for i in indices]
 
-        # 1. status -> allocation
-        alloc_started = time.perf_counter()
-        predicted = estimate_success_rates(status, ids, method=config.status_estimator)
-        allocation = allocate_rollouts(
-            predicted,
-            budget,
-            strategy=strategy,  # type: ignore[arg-type]
-            min_rollouts=config.min_rollouts,
-            max_rollouts=config.max_rollouts,
-            unseen_rollouts=config.rollouts_per_prompt,
-            fallback_confidence=config.fallback_confidence,
+        steps = pd.DataFrame(history)
+        trained = steps[steps["step"] > 0]
+        return TrainingResult(
+            steps=steps,
+            final_accuracy=history_accuracy(history),
+            mean_effective_gradient_ratio=float(trained["rollout/effective_gradient_ratio"].mean()),
+            rollout_tokens_per_second=float(
+                trained["rollout/tokens"].sum() / max(trained["rollout/seconds"].sum(), 1e-9)
+            ),
+            resumed_from_step=first_step,
         )
-        alloc_seconds = time.perf_counter() - alloc_started
-
-        # 2. rollout with a different n per prompt
-        sampling = SamplingConfig(
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            seed=seed * 100_003 + step,
-        )
-        groups = engine.generate(
-            [train_set.token_ids[i] for i in indices], allocation.rollouts.tolist(), sampling
-        )
-        rollout_stats = engine.last_stats
-        flat = [c for group in groups for c in group]
-        group_ids = torch.tensor([c.prompt_index for c in flat], dtype=torch.long)
-
-        # 3. rewards, status, advantages
-        rewards = grade(
-            flat,
-            [train_set.answers[indices[c.prompt_index]] for c in flat],
-            config.reward_extraction,
-        )
-        reward_tensor = torch.tensor(rewards, dtype=torch.float32)
-        successes = np.bincount(group_ids.numpy(), weights=rewards >= 0.5, minlength=len(ids))
-        status = record_visit(status, epoch, ids, allocation.rollouts, successes.astype(np.int64))
-        advantages = group_advantages(
-            reward_tensor,
-            group_ids,
-            normalize_std=config.normalize_std,
-            clip=config.advantage_clip,
-        )
-
-        # 4. GRPO update, then sync the engine
-        batch = build_update_batch(flat, advantages, tokenizer.pad_token_id)
-        update_stats = grpo_update(model, optimizer, batch, settings)
-        sync_started = time.perf_counter()
-        engine.update_weights(model.state_dict())
-        sync_seconds = time.perf_counter() - sync_started
-
-        seen = ~np.isnan(predicted)
-        epoch_predicted.append(predicted[seen])
-        epoch_realised.append(successes[seen] / allocation.rollouts[seen])
-        epoch_rollouts.append(allocation.rollouts)
-        zero_value = (predicted == 0) | (predicted == 1)
-        metrics = {
-            "alloc/mean_rollouts": float(allocation.rollouts.mean()),
-            "alloc/max_rollouts": float(allocation.rollouts.max()),
-            "alloc/zero_value_prompts": float(zero_value.sum()),
-            "alloc/unseen_prompts": float((~seen).sum()),
-            "alloc/fallback_rollouts": float(allocation.fallback_rollouts),
-            "alloc/seconds": alloc_seconds,
-            "rollout/success_rate": float(rewards.mean()),
-            "rollout/effective_gradient_ratio": effective_gradient_ratio(reward_tensor, group_ids),
-            "rollout/tokens": float(rollout_stats.num_generated_tokens if rollout_stats else 0),
-            "rollout/tokens_per_s": float(rollout_stats.tokens_per_second if rollout_stats else 0),
-            "rollout/seconds": float(rollout_stats.seconds if rollout_stats else 0),
-            "sync/seconds": sync_seconds,
-        } | update_stats
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            metrics["eval/accuracy"] = evaluate_now()
-
-        record = {"step": step + 1, "epoch": epoch} | metrics
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(
-                state_dir,
-                step=step,
-                fingerprint=fingerprint,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                status=status,
-                history=history + [record],
-                run_id=tracker.run_id,
-            )
-        metrics["time/step_seconds"] = time.perf_counter() - step_started
-        tracking_started = time.perf_counter()
-        tracker.log_metrics(metrics, step=step + 1)
-        metrics["time/tracking_seconds"] = time.perf_counter() - tracking_started
-        history.append({"step": step + 1, "epoch": epoch} | metrics)
-        bar.set_postfix(
-            egr=f"{metrics['rollout/effective_gradient_ratio']:.2f}",
-            acc=f"{history_accuracy(history):.3f}",
-        )
-    bar.close()
-    if epoch_rollouts and current_epoch is not None:
-        _log_epoch_plots(tracker, current_epoch, epoch_predicted, epoch_realised, epoch_rollouts)
-
-    steps = pd.DataFrame(history)
-    trained = steps[steps["step"] > 0]
-    return TrainingResult(
-        steps=steps,
-        final_accuracy=history_accuracy(history),
-        mean_effective_gradient_ratio=float(trained["rollout/effective_gradient_ratio"].mean()),
-        rollout_tokens_per_second=float(
-            trained["rollout/tokens"].sum() / max(trained["rollout/seconds"].sum(), 1e-9)
-        ),
-        resumed_from_step=first_step,
-    )
 
 
 def history_accuracy(history: Sequence[dict[str, float]]) -> float:

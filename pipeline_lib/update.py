@@ -7,8 +7,9 @@ and back. B = completions in the update, L = longest prompt + response.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import transformers
@@ -80,24 +81,144 @@ def token_logprobs(
     return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
 
 
+def signal_rows(batch: UpdateBatch, settings: UpdateSettings) -> torch.Tensor:
+    """Indices of the rows the update must see: those with a non-zero advantage.
+
+    Zero-advantage rows carry no policy gradient, so (without a KL term) they are
+    left out of the forward pass; `BatchNorms` keeps the loss equal to the full batch's.
+    """
+    keep = batch.advantages != 0
+    if settings.kl_coef > 0:
+        keep = torch.ones_like(keep)
+    return torch.nonzero(keep).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class BatchNorms:
+    """Whole-batch counts that scale each micro-batch's loss.
+
+    A micro-batch (or a data-parallel rank's share of the rows) weighs its loss by
+    its part of the full batch, so the parts' gradients add up to the full
+    batch's: exact for every aggregation mode.
+    """
+
+    tokens: float  # response tokens in the whole batch
+    rows: float  # completions in the whole batch
+    kept_tokens: float  # response tokens in the rows the update sees
+    seq_norm: float  # padded length, the seq-sum-norm constant
+
+    @classmethod
+    def of(cls, batch: UpdateBatch, rows: torch.Tensor) -> BatchNorms:
+        return cls(
+            tokens=float(batch.response_mask.sum()),
+            rows=float(batch.response_mask.shape[0]),
+            kept_tokens=float(batch.response_mask[rows].sum()),
+            seq_norm=float(batch.response_mask.shape[1]),
+        )
+
+
+def backward_rows(
+    model: torch.nn.Module,
+    batch: UpdateBatch,
+    rows: torch.Tensor,
+    settings: UpdateSettings,
+    norms: BatchNorms,
+    *,
+    loss_scale: float = 1.0,
+    min_micro_batches: int = 0,
+) -> dict[str, float]:
+    """Forward and backward over `rows` in micro-batches; gradients accumulate.
+
+    `loss_scale` multiplies every loss (a data-parallel group that averages
+    gradients over W ranks passes W). When `rows` fill fewer than
+    `min_micro_batches` micro-batches, zero-weight ones make up the count: every
+    rank of a sharded model must run the same number of forward and backward
+    passes, or its collectives wait for ever. Returns diagnostics as sums over
+    the rows' share of the batch (see `summarize`).
+    """
+    device = next(model.parameters()).device
+    chunks = list(torch.split(rows, settings.micro_batch_rows))
+    padding = max(min_micro_batches - len(chunks), 0)
+    totals: dict[str, float] = {}
+    for chunk in chunks:
+        _backward_chunk(model, batch, chunk, settings, norms, loss_scale, device, totals)
+    for _ in range(padding):
+        _backward_chunk(
+            model, batch, torch.zeros(1, dtype=torch.long), settings, norms, 0.0, device
+        )
+    return totals
+
+
+def _backward_chunk(
+    model: torch.nn.Module,
+    batch: UpdateBatch,
+    chunk: torch.Tensor,
+    settings: UpdateSettings,
+    norms: BatchNorms,
+    loss_scale: float,
+    device: torch.device,
+    totals: dict[str, float] | None = None,
+) -> None:
+    mask = batch.response_mask[chunk].to(device)
+    logprobs = token_logprobs(
+        model, batch.input_ids[chunk].to(device), batch.attention_mask[chunk].to(device)
+    )
+    # One update per rollout batch: the behaviour policy is the current one, so the
+    # importance ratio is exactly 1 and the clip only guards later epochs.
+    loss, info = policy_loss(
+        logprobs,
+        logprobs.detach(),
+        batch.advantages[chunk].to(device),
+        mask,
+        clip_low=settings.clip_low,
+        clip_high=settings.clip_high,
+        aggregation=settings.aggregation,
+        seq_sum_norm=norms.seq_norm,
+    )
+    # Rescale the chunk's aggregate to its share of the full batch.
+    if settings.aggregation == "token-mean":
+        weight = float(mask.sum()) / norms.tokens
+    elif settings.aggregation == "seq-mean-token-mean":
+        weight = float(mask.shape[0]) / norms.rows
+    else:
+        weight = 1.0
+    (loss * weight * loss_scale).backward()
+    if totals is None:  # a zero-weight padding pass: no diagnostics
+        return
+    _add(totals, "train/loss", float(loss.detach()) * weight)
+    mismatch = (batch.sampled_logprobs[chunk].to(device) - logprobs.detach()) * mask
+    _add(totals, "rollout/logprob_abs_diff_sum", float(mismatch.abs().sum()))
+    _add(totals, "_tokens", float(mask.sum()))
+    # Diagnostics (ratio, clip fraction, KL) average over the rows actually used.
+    share = float(mask.sum()) / max(norms.kept_tokens, 1.0)
+    for key, value in info.items():
+        _add(totals, f"train/{key}", float(value) * share)
+
+
+def _add(totals: dict[str, float], key: str, value: float) -> None:
+    totals[key] = totals.get(key, 0.0) + value
+
+
+def summarize(totals: dict[str, float]) -> dict[str, float]:
+    """Turn `backward_rows` sums (added up over micro-batches or ranks) into diagnostics."""
+    totals = dict(totals)
+    tokens = totals.pop("_tokens", 0.0)
+    # Engine vs trainer log-probabilities of the same tokens: a weight-sync check.
+    totals["rollout/logprob_abs_diff"] = totals.pop("rollout/logprob_abs_diff_sum", 0.0) / max(
+        tokens, 1.0
+    )
+    return totals
+
+
 def grpo_update(
     model: transformers.PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     batch: UpdateBatch,
     settings: UpdateSettings,
 ) -> dict[str, float]:
-    """One on-policy update over the batch; returns namespaced diagnostics.
-
-    Rows whose advantage is zero carry no policy gradient, so (when there is no KL
-    term) they are left out of the forward pass and the loss is rescaled to what
-    the full batch would give: exact for every aggregation mode.
-    """
+    """One on-policy update over the batch in this process; returns namespaced diagnostics."""
     started = time.perf_counter()
-    model.train()
-    keep = batch.advantages != 0
-    if settings.kl_coef > 0:
-        keep = torch.ones_like(keep)
-    rows = torch.nonzero(keep).squeeze(-1)
+    rows = signal_rows(batch, settings)
     stats = {
         "train/rows_with_signal": float(rows.numel()),
         "train/loss": 0.0,
@@ -105,59 +226,77 @@ def grpo_update(
     }
     if rows.numel() == 0:
         return stats | {"train/update_seconds": time.perf_counter() - started}
-
-    full_tokens = float(batch.response_mask.sum())
-    kept_tokens = float(batch.response_mask[rows].sum())
-    full_rows = float(batch.response_mask.shape[0])
-    seq_norm = float(batch.response_mask.shape[1])
+    model.train()
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {}
-    for chunk in torch.split(rows, settings.micro_batch_rows):
-        mask = batch.response_mask[chunk]
-        logprobs = token_logprobs(model, batch.input_ids[chunk], batch.attention_mask[chunk])
-        # One update per rollout batch: the behaviour policy is the current one, so
-        # the importance ratio is exactly 1 and the clip only guards later epochs.
-        loss, info = policy_loss(
-            logprobs,
-            logprobs.detach(),
-            batch.advantages[chunk],
-            mask,
-            clip_low=settings.clip_low,
-            clip_high=settings.clip_high,
-            aggregation=settings.aggregation,
-            seq_sum_norm=seq_norm,
-        )
-        # Rescale the chunk's aggregate to its share of the full batch.
-        if settings.aggregation == "token-mean":
-            weight = float(mask.sum()) / full_tokens
-        elif settings.aggregation == "seq-mean-token-mean":
-            weight = float(mask.shape[0]) / full_rows
-        else:
-            weight = 1.0
-        (loss * weight).backward()
-        totals["train/loss"] = totals.get("train/loss", 0.0) + float(loss.detach()) * weight
-        mismatch = (batch.sampled_logprobs[chunk] - logprobs.detach()) * mask
-        totals["rollout/logprob_abs_diff_sum"] = totals.get(
-            "rollout/logprob_abs_diff_sum", 0.0
-        ) + float(mismatch.abs().sum())
-        totals["_tokens"] = totals.get("_tokens", 0.0) + float(mask.sum())
-        # Diagnostics (ratio, clip fraction, KL) average over the rows actually used.
-        share = float(mask.sum()) / max(kept_tokens, 1.0)
-        for key, value in info.items():
-            totals[f"train/{key}"] = totals.get(f"train/{key}", 0.0) + float(value) * share
+    totals = backward_rows(model, batch, rows, settings, BatchNorms.of(batch, rows))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     optimizer.step()
     model.eval()
-    tokens = totals.pop("_tokens")
-    # Engine vs trainer log-probabilities of the same tokens: a weight-sync check.
-    totals["rollout/logprob_abs_diff"] = totals.pop("rollout/logprob_abs_diff_sum") / max(
-        tokens, 1.0
-    )
     return (
         stats
-        | totals
+        | summarize(totals)
         | {
             "train/grad_norm": float(grad_norm),
             "train/update_seconds": time.perf_counter() - started,
         }
+    )
+
+
+class Updater(Protocol):
+    """Owns the optimiser and applies GRPO updates to the training loop's policy.
+
+    After `update` the loop's model holds the new weights, whichever process
+    computed them. `close` releases what the updater started.
+    """
+
+    def update(self, batch: UpdateBatch) -> dict[str, float]: ...
+    def optimizer_state_dict(self) -> dict[str, Any]: ...
+    def load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class LocalUpdater:
+    """GRPO updates in this process, on the policy's own device, with AdamW.
+
+    `distributed_update.AccelerateUpdateGroup` does the same in several
+    processes (FSDP on GPUs).
+    """
+
+    def __init__(
+        self, model: transformers.PreTrainedModel, *, learning_rate: float, settings: UpdateSettings
+    ) -> None:
+        self._model = model
+        self._settings = settings
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+
+    def update(self, batch: UpdateBatch) -> dict[str, float]:
+        return grpo_update(self._model, self.optimizer, batch, self._settings)
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        """Nothing to stop: everything lives in this process."""
+
+
+def open_updater(
+    model: transformers.PreTrainedModel,
+    *,
+    processes: int,
+    learning_rate: float,
+    settings: UpdateSettings,
+) -> Updater:
+    """The policy's updater: in this process for 1, a worker group (FSDP on GPUs) for more.
+
+    The group is imported only when asked for: it starts processes and needs accelerate.
+    """
+    if processes == 1:
+        return LocalUpdater(model, learning_rate=learning_rate, settings=settings)
+    from pipeline_lib.distributed_update import AccelerateUpdateGroup
+
+    return AccelerateUpdateGroup(
+        model, num_processes=processes, learning_rate=learning_rate, settings=settings
     )

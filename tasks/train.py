@@ -69,6 +69,8 @@ def train_strategy(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     model, tokenizer = load_policy(start_policy)
+    if torch.cuda.is_available() and config.train.update_processes == 1:
+        model.to("cuda")  # the update runs in this process: on the GPU (a group places its own)
     engine.update_weights(model.state_dict())  # the engine may hold another run's weights
     state_dir = STATE_ROOT / strategy
     key = f"{config.fingerprint()}-{strategy}-{start_hash}-{data_hash}"

@@ -70,8 +70,9 @@ def setup():
     return tokenizer, prompt_set(train), prompt_set(heldout), fresh_model, config
 
 
-def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack"):
+def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", update_processes=1):
     tokenizer, train_set, heldout_set, fresh_model, config = setup
+    config = config.model_copy(update={"update_processes": update_processes})
     model = fresh_model()
     engine = engine_wrapper(HFGenerateEngine(fresh_model(), tokenizer))
     engine.update_weights(model.state_dict())
@@ -103,18 +104,32 @@ def test_loop_records_every_step_and_checkpoint(setup, tmp_path):
     assert read_checkpoint_meta(tmp_path)["step"] == 2
 
 
-def test_crash_resumes_from_last_completed_step_without_repeating_rollouts(setup, tmp_path):
+# 2 update processes: a worker group (accelerate DDP here, FSDP on GPUs) whose
+# gathered AdamW state goes into the checkpoint.
+@pytest.mark.parametrize("update_processes", [1, 2])
+def test_crash_resumes_from_last_completed_step_without_repeating_rollouts(
+    setup, tmp_path, update_processes
+):
     # generate calls: 1 = step-0 evaluation, 2 = step 1, 3 = step 2, 4 = eval at step 2, 5 = step 3.
     with pytest.raises(RuntimeError, match="injected crash"):
-        run(setup, tmp_path, lambda e: CrashingEngine(e, crash_on_call=5))
+        run(
+            setup,
+            tmp_path,
+            lambda e: CrashingEngine(e, crash_on_call=5),
+            update_processes=update_processes,
+        )
     assert read_checkpoint_meta(tmp_path)["step"] == 1  # steps 1 and 2 (0-based 0, 1) done
 
-    result, model, engine = run(setup, tmp_path, lambda e: CrashingEngine(e))
+    result, model, engine = run(
+        setup, tmp_path, lambda e: CrashingEngine(e), update_processes=update_processes
+    )
     assert result.resumed_from_step == 2
     assert engine.calls == 2  # step 3 and the final evaluation: nothing repeated
     assert result.steps["step"].tolist() == [0, 1, 2, 3]
 
-    uninterrupted, straight_model, _ = run(setup, tmp_path / "straight")
+    uninterrupted, straight_model, _ = run(
+        setup, tmp_path / "straight", update_processes=update_processes
+    )
     for (name, a), (_, b) in zip(
         model.state_dict().items(), straight_model.state_dict().items(), strict=True
     ):
