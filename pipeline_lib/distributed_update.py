@@ -24,8 +24,7 @@ import socket
 import time
 import traceback
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -52,8 +51,8 @@ class AccelerateUpdateGroup:
     """N worker processes that update one policy together (FSDP on GPUs, DDP on CPU).
 
     Same interface as `update.LocalUpdater`: `update`, `optimizer_state_dict`,
-    `load_optimizer_state_dict`, `close`. Use it as a context manager: `close`
-    stops the workers (and a failed worker stops the others).
+    `load_optimizer_state_dict`, `close`. Wrap it in `contextlib.closing`:
+    `close` stops the workers (and a failed worker stops the others).
     """
 
     def __init__(
@@ -152,17 +151,6 @@ class AccelerateUpdateGroup:
                 worker.terminate()
                 worker.join(timeout=10)
         self._workers = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback_: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _broadcast(self, command: str, payload: Any) -> list[Any]:
         if not self._workers:

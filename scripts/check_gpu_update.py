@@ -13,6 +13,7 @@ report (also written to DIR/gpu_update_check.json) and exits 1 if a check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -91,8 +92,10 @@ def main() -> int:
 
     fsdp_model = copy.deepcopy(model)
     started = time.perf_counter()
-    with AccelerateUpdateGroup(
-        fsdp_model, num_processes=1, learning_rate=LEARNING_RATE, settings=SETTINGS
+    with contextlib.closing(
+        AccelerateUpdateGroup(
+            fsdp_model, num_processes=1, learning_rate=LEARNING_RATE, settings=SETTINGS
+        )
     ) as group:
         report["group_startup_seconds"] = time.perf_counter() - started
         report["group_parallelism"] = group.parallelism
@@ -105,8 +108,10 @@ def main() -> int:
             second["train/update_seconds"],
         ]
     report["fsdp_vs_cpu_max_abs_diff"] = max_difference(fsdp_model, cpu_model)
-    with AccelerateUpdateGroup(
-        checkpoint_model, num_processes=1, learning_rate=LEARNING_RATE, settings=SETTINGS
+    with contextlib.closing(
+        AccelerateUpdateGroup(
+            checkpoint_model, num_processes=1, learning_rate=LEARNING_RATE, settings=SETTINGS
+        )
     ) as group:
         group.load_optimizer_state_dict(optimizer_state)
         group.update(batches[1])

@@ -7,6 +7,7 @@ is checked on a GPU by `scripts/check_gpu_update.py`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -64,8 +65,8 @@ def test_two_ranks_match_the_single_process_update(policy, micro_batch_rows):
     local_model, group_model = copy.deepcopy(model), copy.deepcopy(model)
     local = LocalUpdater(local_model, learning_rate=1e-3, settings=settings)
     local_stats = [local.update(batch), local.update(batch)]
-    with AccelerateUpdateGroup(
-        group_model, num_processes=2, learning_rate=1e-3, settings=settings
+    with contextlib.closing(
+        AccelerateUpdateGroup(group_model, num_processes=2, learning_rate=1e-3, settings=settings)
     ) as group:
         assert group.parallelism == "MULTI_CPU"  # accelerate's DDP: its FSDP needs GPUs
         group_stats = [group.update(batch), group.update(batch)]
@@ -84,8 +85,8 @@ def test_optimizer_state_round_trip_continues_the_same_run(policy):
     model, tokenizer = policy
     first, second = make_batch(model, tokenizer, seed=1), make_batch(model, tokenizer, seed=2)
     straight = copy.deepcopy(model)
-    with AccelerateUpdateGroup(
-        straight, num_processes=2, learning_rate=1e-3, settings=SETTINGS
+    with contextlib.closing(
+        AccelerateUpdateGroup(straight, num_processes=2, learning_rate=1e-3, settings=SETTINGS)
     ) as group:
         group.update(first)
         checkpoint_weights = copy.deepcopy(straight)
@@ -95,8 +96,8 @@ def test_optimizer_state_round_trip_continues_the_same_run(policy):
     assert set(optimizer_state["state"]) == {name for name, _ in model.named_parameters()}
     assert all(int(entry["step"]) == 1 for entry in optimizer_state["state"].values())
     resumed = checkpoint_weights
-    with AccelerateUpdateGroup(
-        resumed, num_processes=2, learning_rate=1e-3, settings=SETTINGS
+    with contextlib.closing(
+        AccelerateUpdateGroup(resumed, num_processes=2, learning_rate=1e-3, settings=SETTINGS)
     ) as group:
         group.load_optimizer_state_dict(optimizer_state)
         group.update(second)
@@ -108,7 +109,9 @@ def test_batch_without_signal_leaves_weights_alone(policy):
     batch = make_batch(model, tokenizer)
     batch.advantages.zero_()
     copy_ = copy.deepcopy(model)
-    with AccelerateUpdateGroup(copy_, num_processes=2, learning_rate=1e-3, settings=SETTINGS) as g:
+    with contextlib.closing(
+        AccelerateUpdateGroup(copy_, num_processes=2, learning_rate=1e-3, settings=SETTINGS)
+    ) as g:
         stats = g.update(batch)
     assert stats["train/rows_with_signal"] == 0
     assert_same_weights(model, copy_, atol=0)
