@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +118,8 @@ def _save_checkpoint(
     target = state_dir / CHECKPOINT_DIR
     staging = state_dir / f".{CHECKPOINT_DIR}.tmp-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
-    model.save_pretrained(staging / "policy")
+    with _without_transformers_progress_bars():  # one bar a step would bury the loop's
+        model.save_pretrained(staging / "policy")
     tokenizer.save_pretrained(staging / "policy")
     torch.save(updater.optimizer_state_dict(), staging / "optimizer.pt")
     save_status(status, staging / "status.parquet")
@@ -132,6 +133,17 @@ def _save_checkpoint(
         shutil.rmtree(retired)
     else:
         os.replace(staging, target)
+
+
+@contextlib.contextmanager
+def _without_transformers_progress_bars() -> Iterator[None]:
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def read_checkpoint_meta(state_dir: Path) -> dict | None:

@@ -14,6 +14,7 @@ fails; `reload_weights` re-runs that post-processing layer by layer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -56,6 +57,7 @@ class WeightSyncExtension:
         Returns the number of tensors received. The caller must reset the prefix
         cache afterwards: cached KV blocks were computed with the old weights.
         """
+        _quiet_rotary_reload_warning()
         state_dict = load_safetensors(payload)
         self.model_runner.reload_weights(  # type: ignore[attr-defined]
             weights_iterator=iter(state_dict.items()), is_checkpoint_format=True
@@ -104,6 +106,26 @@ class WeightSyncExtension:
         # Relative to the logits' scale, so bfloat16 engines pass too.
         error = (actual - expected).abs().max()
         return bool(error <= 2e-2 * expected.abs().max())
+
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights", printed at every sync.
+
+    Rotary tables are computed at start-up, never stored in a checkpoint, and vLLM
+    puts them back unchanged: nothing failed. Warnings about other layers still show.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+def _quiet_rotary_reload_warning() -> None:
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())
 
 
 def _find_embeddings(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
