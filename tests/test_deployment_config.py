@@ -28,8 +28,7 @@ def test_deployments_exist_for_local_gpu_process_and_gpu_docker(deployments):
     assert {"local", "gpu", "gpu-docker"} <= deployments.keys()
 
 
-def test_every_deployment_runs_the_pipeline_flow_with_its_own_parameters(deployments,
-                                                                          monkeypatch):
+def test_every_deployment_runs_the_pipeline_flow_with_its_own_parameters(deployments, monkeypatch):
     from prefect.flows import load_flow_from_entrypoint
 
     monkeypatch.chdir(REPO_ROOT)
@@ -63,7 +62,9 @@ def test_gpu_docker_deployment_uses_the_gpu_image_with_all_gpus_on_the_stack_net
 def test_remote_deployments_clone_the_repository_named_by_the_worker_environment(deployments):
     for name in ("gpu", "gpu-docker"):
         steps = [next(iter(step)) for step in deployments[name]["pull"]]
-        assert steps == ["prefect.deployments.steps.git_clone",
-                         "prefect.deployments.steps.set_working_directory"], name
+        assert steps == [
+            "prefect.deployments.steps.git_clone",
+            "prefect.deployments.steps.set_working_directory",
+        ], name
         clone = deployments[name]["pull"][0]["prefect.deployments.steps.git_clone"]
         assert clone["repository"] == "{{ $KNAPSACK_RL_GIT_URL }}"

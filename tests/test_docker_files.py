@@ -56,15 +56,20 @@ def long_running(compose: dict) -> dict[str, dict]:
 
 
 def test_there_are_gpu_cpu_and_mlflow_dockerfiles():
-    assert {p.name for p in DOCKERFILES} >= {"Dockerfile.gpu", "Dockerfile.cpu",
-                                             "Dockerfile.mlflow"}
+    assert {p.name for p in DOCKERFILES} >= {
+        "Dockerfile.gpu",
+        "Dockerfile.cpu",
+        "Dockerfile.mlflow",
+    }
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_has_no_hadolint_errors(dockerfile: Path):
     result = subprocess.run(
         [tool("hadolint"), "--no-color", "--failure-threshold", "error", str(dockerfile)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -90,9 +95,10 @@ def test_gpu_image_installs_vllm_0_33_on_a_cuda_base_with_a_worker_command():
 
 def test_compose_file_matches_the_compose_specification_schema():
     result = subprocess.run(
-        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-         str(COMPOSE_FILE)],
-        capture_output=True, text=True, timeout=120,
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -102,21 +108,31 @@ def test_schema_check_rejects_a_misspelled_service_key(tmp_path: Path):
     broken = COMPOSE_FILE.read_text().replace("    healthcheck:", "    healthchek:", 1)
     (tmp_path / "compose.yaml").write_text(broken)
     result = subprocess.run(
-        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-         str(tmp_path / "compose.yaml")],
-        capture_output=True, text=True, timeout=120,
+        [
+            tool("check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(tmp_path / "compose.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0 and "healthchek" in result.stdout + result.stderr
 
 
 def test_the_stack_has_its_services(compose):
-    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server",
-            "worker-gpu"} <= compose["services"].keys()
+    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker-gpu"} <= compose[
+        "services"
+    ].keys()
 
 
 def test_every_long_running_service_has_a_healthcheck(compose):
-    missing = [name for name, service in long_running(compose).items()
-               if not (service.get("healthcheck") or {}).get("test")]
+    missing = [
+        name
+        for name, service in long_running(compose).items()
+        if not (service.get("healthcheck") or {}).get("test")
+    ]
     assert not missing, f"no healthcheck: {missing}"
 
 
@@ -134,8 +150,10 @@ def test_gpu_worker_reserves_a_gpu(compose):
 def test_services_wait_for_healthy_dependencies(compose):
     for name, service in compose["services"].items():
         for dependency, condition in (service.get("depends_on") or {}).items():
-            assert condition["condition"] in {"service_healthy",
-                                              "service_completed_successfully"}, name
+            assert condition["condition"] in {
+                "service_healthy",
+                "service_completed_successfully",
+            }, name
             assert dependency in compose["services"]
 
 
@@ -179,8 +197,11 @@ def test_env_example_defines_every_required_variable_with_placeholders_only():
         for line in ENV_EXAMPLE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     )
-    required = {m["name"] for m in ENV_REFERENCE.finditer(COMPOSE_FILE.read_text())
-                if (m["modifier"] or "").startswith(":?")}
+    required = {
+        m["name"]
+        for m in ENV_REFERENCE.finditer(COMPOSE_FILE.read_text())
+        if (m["modifier"] or "").startswith(":?")
+    }
     assert required <= example.keys(), f"missing in .env.example: {required - example.keys()}"
     for key, value in example.items():
         if SECRET_NAME.search(key):
@@ -188,8 +209,9 @@ def test_env_example_defines_every_required_variable_with_placeholders_only():
 
 
 def test_the_stack_env_file_is_git_ignored():
-    result = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=REPO_ROOT,
-                            capture_output=True, timeout=30)
+    result = subprocess.run(
+        ["git", "check-ignore", "-q", "docker/.env"], cwd=REPO_ROOT, capture_output=True, timeout=30
+    )
     if result.returncode == 128:
         pytest.skip("not a git checkout")
     assert result.returncode == 0, "docker/.env must be listed in .gitignore"

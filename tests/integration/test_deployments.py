@@ -25,8 +25,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[deploy_smoke.Sta
 
 
 def test_bad_override_key_fails_the_flow_run_before_compute_naming_the_key(stack):
-    result = deploy_smoke.run_deployment(stack, {"overrides": {"train.stepz": 2}},
-                                         timeout_s=300)
+    result = deploy_smoke.run_deployment(stack, {"overrides": {"train.stepz": 2}}, timeout_s=300)
     assert result.state == "Failed", result.output[-2000:]
     assert "unknown key 'train.stepz'" in result.message, result.message
     print(f"state message: {result.message}")

@@ -152,8 +152,14 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator
         started = time.perf_counter()
         groups = original_generate(self, prompt_token_ids, n_per_prompt, sampling)
         result.calls.append(
-            Call(stage["name"], [list(p) for p in prompt_token_ids], list(n_per_prompt), groups,
-                 time.perf_counter() - started, self.last_stats.num_generated_tokens)
+            Call(
+                stage["name"],
+                [list(p) for p in prompt_token_ids],
+                list(n_per_prompt),
+                groups,
+                time.perf_counter() - started,
+                self.last_stats.num_generated_tokens,
+            )
         )
         return groups
 
@@ -166,11 +172,17 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator
         started = time.perf_counter()
         # A fresh Prefect result store: cached task results of an earlier run must not
         # stand in for this one's training and evaluation.
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / ".prefect-storage"}), \
-                prefect_test_harness(server_startup_timeout=None):
+        with (
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / ".prefect-storage"}),
+            prefect_test_harness(server_startup_timeout=None),
+        ):
             result.stage_seconds["prefect_server"] = time.perf_counter() - started
-            for name, flow_fn in (("prepare", prepare), ("bootstrap", bootstrap),
-                                  ("train", train), ("evaluate", evaluate)):
+            for name, flow_fn in (
+                ("prepare", prepare),
+                ("bootstrap", bootstrap),
+                ("train", train),
+                ("evaluate", evaluate),
+            ):
                 stage["name"] = name
                 stage_started = time.perf_counter()
                 result.results[name] = flow_fn(params_path="params.yaml")
@@ -299,8 +311,13 @@ def test_grpo_steps_ran_and_changed_the_weights(run: Run):
 def test_evaluate_scores_start_and_trained_policy_on_gsm8k(run: Run):
     summary = json.loads((run.root / "metrics/summary.json").read_text())
     assert summary["benchmark"] == "gsm8k"
-    for key in ("start_accuracy", "knapsack_accuracy", "knapsack_accuracy_ci_low",
-                "knapsack_accuracy_ci_high", "knapsack_effective_gradient_ratio"):
+    for key in (
+        "start_accuracy",
+        "knapsack_accuracy",
+        "knapsack_accuracy_ci_low",
+        "knapsack_accuracy_ci_high",
+        "knapsack_effective_gradient_ratio",
+    ):
         assert 0 <= summary[key] <= 1, key
     results = json.loads((run.root / "metrics/eval.json").read_text())
     for policy in ("start", "knapsack"):
