@@ -137,11 +137,16 @@ deploy: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --name local
 
 # --- storage on S3 ---
-.PHONY: s3-remote push
+.PHONY: s3-remote push pull
 S3_URL ?= s3://knapsack-rl/dvc
 # DVC remote on S3 or an S3-compatible store (S3_ENDPOINT_URL); credentials stay in the environment.
 s3-remote: $(STAMP)
 	$(BIN)/python scripts/setup_s3_remote.py $(S3_URL) --create-bucket $(if $(S3_ENDPOINT_URL),--endpoint-url $(S3_ENDPOINT_URL))
 
+# push / pull through pipeline_lib.dvc_remote: a store that stops answering ends the transfer
+# within 15 s with an error naming the remote and endpoint, instead of DVC's per-file retries.
 push: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.storage import push; print(push('.').summary)"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.dvc_remote import push; print(push('.').summary)"
+
+pull: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.dvc_remote import pull; print(pull('.').summary)"

@@ -9,6 +9,7 @@ import pandas as pd
 from prefect import flow
 
 from flows.common import load_stage_config, run_flow_cli
+from pipeline_lib.plots import training_curves
 from tasks.engines import open_engine
 from tasks.hashing import content_hash
 from tasks.prepare import SYNTHETIC_BENCHMARK, TRAIN_FILE
@@ -56,13 +57,15 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
                 tracker,
             )
             summary = train_strategy(*args)
-            if not Path(str(summary["policy_dir"])).exists():  # cached, but outputs were removed
-                summary = train_strategy.with_options(refresh_cache=True)(*args)
             summaries[strategy] = summary
             print(f"{strategy}: {json.dumps(summary)}")
+        steps = {s: Path(str(summary["steps_csv"])) for s, summary in summaries.items()}
+        tracker.log_figure(
+            training_curves(strategy_steps(steps), tuple(CURVES.values())), CURVES_PNG
+        )
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/train.json").write_text(json.dumps(summaries, indent=2))
-    write_curves({s: Path(str(summary["steps_csv"])) for s, summary in summaries.items()})
+    write_curves(steps)
     return summaries
 
 
@@ -70,6 +73,15 @@ CURVES = {
     "accuracy": "eval/accuracy",
     "effective_gradient_ratio": "rollout/effective_gradient_ratio",
 }
+CURVES_PNG = "plots/training_curves.png"
+
+
+def strategy_steps(steps_csvs: dict[str, Path]) -> pd.DataFrame:
+    """Every strategy's per-step metrics in one long table with a `strategy` column."""
+    return pd.concat(
+        [pd.read_csv(path).assign(strategy=strategy) for strategy, path in steps_csvs.items()],
+        ignore_index=True,
+    )
 
 
 def write_curves(steps_csvs: dict[str, Path], out_dir: Path = Path("metrics/curves")) -> None:

@@ -65,7 +65,7 @@ def summarize_benchmark(
             raise ValueError(f"pass@{k} needs k in [1, {samples.min()}] (the fewest samples)")
 
     accuracy_per_prompt = correct / samples
-    accuracy = float(accuracy_per_prompt.mean())
+    accuracy = avg_at_k(accuracy_per_prompt)
     num_prompts = samples.size
     if num_prompts >= 2:
         half_width = _Z_95 * accuracy_per_prompt.std(ddof=1) / math.sqrt(num_prompts)

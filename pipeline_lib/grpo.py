@@ -59,21 +59,6 @@ def _distinct_reward_counts(rewards: Tensor, inverse: Tensor, num_groups: int) -
     return counts.index_add_(0, groups, is_new.long())
 
 
-def groups_with_signal(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Which groups hold at least two distinct rewards (a non-zero GRPO gradient).
-
-    Args:
-        rewards: Tensor[B], one scalar reward per response.
-        group_ids: LongTensor[B], the group of each response.
-
-    Returns:
-        (unique_group_ids: LongTensor[G] sorted, has_signal: BoolTensor[G]).
-    """
-    unique_ids, inverse, num_groups = _group_index(group_ids)
-    distinct = _distinct_reward_counts(rewards, inverse, num_groups)
-    return unique_ids, distinct > 1
-
-
 def effective_gradient_ratio(rewards: Tensor, group_ids: Tensor) -> float:
     """Share of responses whose group holds more than one distinct reward value.
 
@@ -108,7 +93,7 @@ def group_advantages(
     the unbiased (n - 1) standard deviation as ``torch.std`` and verl use. With
     ``normalize_std=False`` it is ``r_i - mean_g`` (Dr. GRPO). Groups whose rewards
     are all equal (including groups of size 1) get exactly 0, decided by distinct
-    values as in ``groups_with_signal``, so float round-off never leaks a tiny
+    values (as ``effective_gradient_ratio`` decides signal), so float round-off never leaks a tiny
     advantage into an all-equal group. ``clip`` bounds the result to ``[-clip, clip]``:
     one success among 93 rollouts gives ``z ~ 9.5`` unclipped; the paper clips at 5.
 

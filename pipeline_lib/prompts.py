@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import transformers
@@ -39,3 +40,23 @@ def encode_prompts(
             encoded.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
         return encoded
     raise ValueError(f"unknown prompt_template {template!r}: use 'raw' or 'chat'")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts ready for the engine: ids, token ids and reference answers, aligned."""
+
+    ids: list[str]
+    token_ids: list[list[int]]
+    answers: list[str]
+
+    def __post_init__(self) -> None:
+        if not (len(self.ids) == len(self.token_ids) == len(self.answers)):
+            raise ValueError("ids, token_ids and answers must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def head(self, count: int) -> PromptSet:
+        """The first `count` prompts."""
+        return PromptSet(self.ids[:count], self.token_ids[:count], self.answers[:count])

@@ -32,7 +32,6 @@ Two estimators, each kept up to date incrementally:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -40,6 +39,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+
+from pipeline_lib.atomic import atomic_file
 
 EstimateMethod = Literal["paper", "beta"]
 
@@ -118,22 +119,14 @@ def empty_status() -> pd.DataFrame:
 def save_status(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Validate ``table`` and write it to parquet at ``path`` atomically.
 
-    The table goes to a temporary file in the same directory, then ``os.replace``
-    moves it into place: a crash or a validation error never leaves a partial or
-    invalid file, and an existing file stays as it was.
+    Validation comes first and the write goes through ``atomic_file``: a crash or a
+    validation error never leaves a partial or invalid file, and an existing file
+    stays as it was.
     """
     STATUS_SCHEMA.validate(table)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        table.to_parquet(tmp_name, index=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return Path(path)
 
 
 def load_status(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -40,14 +40,11 @@ import pandas as pd
 import psutil
 import torch
 
+from pipeline_lib.config import TinyModelParams
 from pipeline_lib.data.synthetic import generate_arithmetic
-from pipeline_lib.policy.tiny import (
-    TinyModelConfig,
-    build_char_tokenizer,
-    build_tiny_qwen2,
-    load_policy,
-    save_policy,
-)
+from pipeline_lib.policy.checkpoint import load_policy, save_policy
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
 from pipeline_lib.prompts import encode_prompts
 from pipeline_lib.rollout.base import RolloutEngine, SamplingConfig
 
@@ -137,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if args.model_dir is None:
             tokenizer = build_char_tokenizer()
-            model = build_tiny_qwen2(tokenizer, TinyModelConfig(seed=args.seed))
+            model = build_tiny_qwen2(tokenizer, TinyModelParams(), seed=args.seed)
             model_dir = str(save_policy(model, tokenizer, Path(scratch) / "policy"))
         elif args.model_dir.endswith(".gguf"):
             model, tokenizer = load_policy(args.model_dir)

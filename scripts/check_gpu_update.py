@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline_lib.distributed_update import AccelerateUpdateGroup
-from pipeline_lib.policy.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_qwen2
+from pipeline_lib.config import TinyModelParams
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
 from pipeline_lib.rollout.base import Completion, SamplingConfig
 from pipeline_lib.rollout.hf_engine import HFGenerateEngine
 from pipeline_lib.update import LocalUpdater, UpdateSettings, build_update_batch
+from pipeline_lib.update.distributed import AccelerateUpdateGroup
 
 SETTINGS = UpdateSettings(micro_batch_rows=16)
 LEARNING_RATE = 1e-3
@@ -68,7 +70,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     tokenizer = build_char_tokenizer()
-    config = TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
+    config = TinyModelParams(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
     model = build_tiny_qwen2(tokenizer, config)
     batches = [random_batch(model, tokenizer, rows=96, seed=seed) for seed in (1, 2)]
     report: dict[str, object] = {

@@ -56,8 +56,10 @@ TINY_OVERRIDES: dict[str, Any] = {
 
 # A committer for the temporary repository (and for `dvc exp run`'s experiment commits).
 GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "deploy-smoke", "GIT_AUTHOR_EMAIL": "deploy-smoke@localhost",
-    "GIT_COMMITTER_NAME": "deploy-smoke", "GIT_COMMITTER_EMAIL": "deploy-smoke@localhost",
+    "GIT_AUTHOR_NAME": "deploy-smoke",
+    "GIT_AUTHOR_EMAIL": "deploy-smoke@localhost",
+    "GIT_COMMITTER_NAME": "deploy-smoke",
+    "GIT_COMMITTER_EMAIL": "deploy-smoke@localhost",
 }
 
 
@@ -75,18 +77,21 @@ class RunResult:
     """How a `prefect deployment run --watch` ended."""
 
     flow_run_id: str
-    state: str            # e.g. 'Completed', 'Failed'
-    message: str          # the final state's message
-    output: str           # what the CLI printed
+    state: str  # e.g. 'Completed', 'Failed'
+    message: str  # the final state's message
+    output: str  # what the CLI printed
 
 
 def run_cli(args: list[str], cwd: Path, env: Mapping[str, str], timeout_s: float = 300) -> str:
     """Run a command to completion; raise with its output when it fails."""
-    result = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True,
-                            timeout=timeout_s)
+    result = subprocess.run(
+        args, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout_s
+    )
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n"
-                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result.stdout + result.stderr
 
 
@@ -94,8 +99,9 @@ def copy_project(dest: Path, env: Mapping[str, str]) -> Path:
     """The project's code and config in a fresh git + DVC repository with one commit."""
     dest.mkdir(parents=True, exist_ok=True)
     for folder in PROJECT_DIRS:
-        shutil.copytree(REPO_ROOT / folder, dest / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for name in PROJECT_FILES:
         if (REPO_ROOT / name).exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -117,29 +123,46 @@ def base_env(workdir: Path) -> dict[str, str]:
     for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     bin_dir = str(Path(sys.executable).parent)
-    return env | GIT_IDENTITY | {
-        "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        "PREFECT_HOME": str(workdir / "prefect-home"),
-        "DO_NOT_TRACK": "true",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",   # pick up the run promptly
-    }
+    return (
+        env
+        | GIT_IDENTITY
+        | {
+            "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+            "PREFECT_HOME": str(workdir / "prefect-home"),
+            "DO_NOT_TRACK": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DVC_NO_ANALYTICS": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick up the run promptly
+        }
+    )
 
 
-def start_worker(pool: str, cwd: Path, env: Mapping[str, str], log_path: Path
-                 ) -> subprocess.Popen:
+def start_worker(pool: str, cwd: Path, env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
     """`prefect worker start` in its own process group (so `stop` reaches its flow runs)."""
     with log_path.open("w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
-             "--type", "process", "--name", "deploy-smoke"],
-            cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--type",
+                "process",
+                "--name",
+                "deploy-smoke",
+            ],
+            cwd=cwd,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -154,28 +177,53 @@ def deployment_stack(workdir: Path) -> Iterator[Stack]:
     env["PYTHONPATH"] = str(project)
     with prefect_server(env=env) as api_url:
         env["PREFECT_API_URL"] = api_url
-        run_cli(["prefect", "--no-prompt", "work-pool", "create", POOL, "--type", "process"],
-                project, env)
+        run_cli(
+            ["prefect", "--no-prompt", "work-pool", "create", POOL, "--type", "process"],
+            project,
+            env,
+        )
         worker_log = workdir / "worker.log"
         worker = start_worker(POOL, project, env, worker_log)
         print(f"worker (pid {worker.pid}) on pool {POOL}, log {worker_log}", file=sys.stderr)
         try:
-            run_cli(["prefect", "--no-prompt", "deploy", "--name", DEPLOYMENT.split("/")[1]],
-                    project, env)
+            run_cli(
+                ["prefect", "--no-prompt", "deploy", "--name", DEPLOYMENT.split("/")[1]],
+                project,
+                env,
+            )
             yield Stack(project=project, env=env, worker_log=worker_log)
         finally:
             stop(worker)
 
 
-def run_deployment(stack: Stack, parameters: Mapping[str, Any], deployment: str = DEPLOYMENT,
-                   timeout_s: float = 900) -> RunResult:
+def run_deployment(
+    stack: Stack,
+    parameters: Mapping[str, Any],
+    deployment: str = DEPLOYMENT,
+    timeout_s: float = 900,
+) -> RunResult:
     """`prefect deployment run NAME --params JSON --watch`; the final state and its message."""
-    args = ["prefect", "--no-prompt", "deployment", "run", deployment,
-            "--params", json.dumps(dict(parameters)), "--watch",
-            "--watch-timeout", str(int(timeout_s))]
+    args = [
+        "prefect",
+        "--no-prompt",
+        "deployment",
+        "run",
+        deployment,
+        "--params",
+        json.dumps(dict(parameters)),
+        "--watch",
+        "--watch-timeout",
+        str(int(timeout_s)),
+    ]
     try:
-        result = subprocess.run(args, cwd=stack.project, env=stack.env, capture_output=True,
-                                text=True, timeout=timeout_s + 60)
+        result = subprocess.run(
+            args,
+            cwd=stack.project,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 60,
+        )
         output = result.stdout + result.stderr
     except subprocess.TimeoutExpired as expired:
         output = _text(expired.stdout) + _text(expired.stderr)
@@ -187,8 +235,12 @@ def run_deployment(stack: Stack, parameters: Mapping[str, Any], deployment: str 
     if state.get("type") not in TERMINAL_STATES:
         # Timed out: cancel it, so that stopping the worker leaves nothing running.
         run_cli(["prefect", "flow-run", "cancel", flow_run_id], stack.project, stack.env)
-    return RunResult(flow_run_id=flow_run_id, state=state.get("name", "unknown"),
-                     message=state.get("message") or "", output=output)
+    return RunResult(
+        flow_run_id=flow_run_id,
+        state=state.get("name", "unknown"),
+        message=state.get("message") or "",
+        output=output,
+    )
 
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -196,10 +248,13 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 def flow_run_state(stack: Stack, flow_run_id: str) -> dict[str, Any]:
     """The flow run's current state as the API reports it (type, name, message)."""
-    inspected = json.loads(run_cli(
-        ["prefect", "flow-run", "inspect", flow_run_id, "--output", "json"],
-        stack.project, stack.env,
-    ))
+    inspected = json.loads(
+        run_cli(
+            ["prefect", "flow-run", "inspect", flow_run_id, "--output", "json"],
+            stack.project,
+            stack.env,
+        )
+    )
     return inspected.get("state") or {}
 
 
@@ -220,8 +275,10 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         with deployment_stack(workdir) as stack:
-            print(f"deployed {DEPLOYMENT} from {stack.project} "
-                  f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+            print(
+                f"deployed {DEPLOYMENT} from {stack.project} ({time.monotonic() - started:.0f} s)",
+                file=sys.stderr,
+            )
             result = run_deployment(stack, {"overrides": TINY_OVERRIDES})
             if result.state != "Completed":
                 print(result.output[-4000:], file=sys.stderr)
@@ -230,8 +287,10 @@ def main(argv: list[str]) -> int:
         summary = stack.project / "metrics" / "summary.json"
         if summary.exists():
             print(f"metrics/summary.json: {summary.read_text().strip()}")
-        print(f"flow run {result.flow_run_id}: {result.state}"
-              + (f" ({result.message})" if result.message else ""))
+        print(
+            f"flow run {result.flow_run_id}: {result.state}"
+            + (f" ({result.message})" if result.message else "")
+        )
         print(f"deploy smoke took {time.monotonic() - started:.0f} s")
         return 0 if result.state == "Completed" else 1
     finally:

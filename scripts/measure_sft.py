@@ -9,31 +9,40 @@ and wall time. A benchmark script, not a test: it takes a few minutes on 2 cores
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
 import pandas as pd
 import torch
 
+from pipeline_lib.config import SFTParams, TinyModelParams
 from pipeline_lib.data.synthetic import generate_arithmetic
-from pipeline_lib.policy.sft import SFTConfig, completion_accuracy, run_sft
-from pipeline_lib.policy.tiny import (
-    TinyModelConfig,
-    build_char_tokenizer,
-    build_tiny_qwen2,
-    save_policy,
-)
+from pipeline_lib.policy.checkpoint import save_policy
+from pipeline_lib.policy.sft import run_sft
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
+from pipeline_lib.prompts import PromptSet, encode_prompts
+from pipeline_lib.rollout.base import SamplingConfig
+from pipeline_lib.rollout.hf_engine import HFGenerateEngine
+from pipeline_lib.scoring import sample_rewards
+
+DEFAULTS = SFTParams()
+
+
+def accuracy(engine, prompts: PromptSet, samples: int, temperature: float, seed: int):
+    """Per-prompt accuracy float[M] (greedy when temperature is 0)."""
+    sampling = SamplingConfig(max_new_tokens=8, temperature=temperature, seed=seed)
+    return sample_rewards(engine, prompts, sampling, samples, "last_number").mean(axis=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=SFTConfig.num_steps)
-    parser.add_argument("--lr", type=float, default=SFTConfig.learning_rate)
-    parser.add_argument("--batch-size", type=int, default=SFTConfig.batch_size)
+    parser.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--weights", type=str, default=None, help="level weights, e.g. 4,4,2,2,1,1")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=SFTConfig.num_threads)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-pool", type=int, default=20000)
     parser.add_argument("--heldout", type=int, default=600)
     parser.add_argument(
@@ -45,30 +54,27 @@ def main() -> None:
     parser.add_argument("--save", type=str, default=None, help="save the trained policy here")
     args = parser.parse_args()
 
-    config = SFTConfig(
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        num_steps=args.steps,
-        seed=args.seed,
-        num_threads=args.threads,
-    )
+    config = SFTParams(learning_rate=args.lr, batch_size=args.batch_size, steps=args.steps)
     if args.weights:
         weights = [float(w) for w in args.weights.split(",")]
-        config = dataclasses.replace(config, level_weights=dict(enumerate(weights, start=1)))
-    torch.set_num_threads(config.num_threads)
+        config = config.model_copy(update={"level_weights": dict(enumerate(weights, start=1))})
+    torch.set_num_threads(args.threads)
 
     train = generate_arithmetic(args.train_pool, args.seed, split="train")
     heldout = generate_arithmetic(args.heldout, args.seed, split="heldout")
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TinyModelConfig(seed=args.seed))
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(), seed=args.seed)
     print(f"parameters: {model.num_parameters():,}  config: {config}")
     print("train pool by level:", train["level"].value_counts().sort_index().to_dict())
 
-    heldout_problems, heldout_answers = list(heldout["problem"]), list(heldout["answer"])
+    engine = HFGenerateEngine(model, tokenizer)  # shares the model: sees every SFT step
+    heldout_prompts = PromptSet(
+        list(heldout["id"]), encode_prompts(tokenizer, heldout["problem"]), list(heldout["answer"])
+    )
 
     def print_curve(step: int, loss: float) -> None:
         if args.curve_every and step % args.curve_every == 0:
-            correct = completion_accuracy(model, tokenizer, heldout_problems, heldout_answers)
+            correct = accuracy(engine, heldout_prompts, 1, 0.0, args.seed)
             by_level = pd.Series(correct).groupby(heldout["level"].to_numpy()).mean()
             levels = " ".join(f"{value:.2f}" for value in by_level)
             print(
@@ -82,20 +88,14 @@ def main() -> None:
         list(train["answer"]),
         list(train["level"]),
         config,
+        seed=args.seed,
+        num_threads=args.threads,
         progress=not args.curve_every,
         on_step=print_curve,
     )
     started = time.perf_counter()
-    greedy = completion_accuracy(model, tokenizer, heldout_problems, heldout_answers)
-    sampled = completion_accuracy(
-        model,
-        tokenizer,
-        list(heldout["problem"]),
-        list(heldout["answer"]),
-        num_samples=args.samples,
-        temperature=1.0,
-        seed=args.seed,
-    )
+    greedy = accuracy(engine, heldout_prompts, 1, 0.0, args.seed)
+    sampled = accuracy(engine, heldout_prompts, args.samples, 1.0, args.seed)
     eval_s = time.perf_counter() - started
 
     table = pd.DataFrame({"level": heldout["level"], "greedy": greedy, "sampled_t1": sampled})

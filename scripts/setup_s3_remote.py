@@ -23,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline_lib.storage import (  # noqa: E402 - after the path set-up above
+from pipeline_lib.dvc_remote import (  # noqa: E402 - after the path set-up above
     DEFAULT_REMOTE,
     S3Remote,
     StorageError,

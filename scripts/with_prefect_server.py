@@ -55,9 +55,7 @@ def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 
 @contextmanager
-def prefect_server(
-    timeout_s: float = 180.0, env: Mapping[str, str] | None = None
-) -> Iterator[str]:
+def prefect_server(timeout_s: float = 180.0, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """Start `prefect server start` on loopback; yield its API URL; stop it on exit.
 
     `env` replaces the inherited environment (e.g. to give the server its own PREFECT_HOME).
@@ -65,11 +63,21 @@ def prefect_server(
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ if env is None else env) | {
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

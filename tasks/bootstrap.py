@@ -8,14 +8,10 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.config import BootstrapConfig
 from pipeline_lib.data.synthetic import generate_arithmetic
-from pipeline_lib.policy.sft import SFTConfig, run_sft
-from pipeline_lib.policy.tiny import (
-    TinyModelConfig,
-    build_char_tokenizer,
-    build_tiny_qwen2,
-    load_policy,
-    save_policy,
-)
+from pipeline_lib.policy.checkpoint import load_policy, save_policy
+from pipeline_lib.policy.sft import run_sft
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
 from pipeline_lib.tracking import Tracker
 
 
@@ -30,32 +26,17 @@ def build_tiny_policy(
     """
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
-    shape = config.tiny
-    model = build_tiny_qwen2(
-        tokenizer,
-        TinyModelConfig(
-            hidden_size=shape.hidden_size,
-            num_layers=shape.num_layers,
-            num_heads=shape.num_heads,
-            intermediate_size=shape.intermediate_size,
-            seed=seed,
-        ),
-    )
+    model = build_tiny_qwen2(tokenizer, config.tiny, seed=seed)
     train = generate_arithmetic(config.sft.prompts, seed, list(levels), split="train")
-    sft = SFTConfig(
-        learning_rate=config.sft.learning_rate,
-        batch_size=config.sft.batch_size,
-        num_steps=config.sft.steps,
-        seed=seed,
-        num_threads=threads,
-    )
     metrics = run_sft(
         model,
         tokenizer,
         train["problem"].tolist(),
         train["answer"].tolist(),
         train["level"].tolist(),
-        sft,
+        config.sft,
+        seed=seed,
+        num_threads=threads,
     )
     tracker.log_metrics(metrics)
     return str(save_policy(model, tokenizer, config.output_dir))

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline_lib.policy.tiny import load_policy
+from pipeline_lib.policy.checkpoint import load_policy
 from pipeline_lib.rollout.base import RolloutEngine
 from pipeline_lib.rollout.hf_engine import HFGenerateEngine
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data.schema import read_prompts
 from pipeline_lib.evaluation import summarize_benchmark
-from pipeline_lib.policy.tiny import load_policy
-from pipeline_lib.prompts import encode_prompts
-from pipeline_lib.rewards import grade_batch
+from pipeline_lib.policy.checkpoint import load_policy
+from pipeline_lib.prompts import PromptSet, encode_prompts
 from pipeline_lib.rollout.base import RolloutEngine, SamplingConfig
+from pipeline_lib.scoring import sample_rewards
 
 
-@task(cache_policy=(INPUTS + TASK_SOURCE) - "engine", persist_result=True)
+# No Prefect result cache: DVC decides when evaluation reruns, and a rerun must re-score.
+@task(cache_policy=NO_CACHE)
 def evaluate_policy(
     config: PipelineConfig,
     policy_dir: str,
@@ -44,11 +45,9 @@ def evaluate_policy(
         temperature=config.evaluate.temperature,
         seed=config.seed,
     )
-    groups = engine.generate(token_ids, [k] * len(token_ids), sampling)
-    texts = [c.text for group in groups for c in group]
-    answers = [a for a in table["answer"].tolist() for _ in range(k)]
-    rewards = np.asarray(grade_batch(texts, answers, config.train.reward_extraction))
-    correct = (rewards.reshape(len(token_ids), k) >= 0.5).sum(axis=1)
+    prompts = PromptSet(table["id"].tolist(), token_ids, table["answer"].tolist())
+    rewards = sample_rewards(engine, prompts, sampling, k, config.train.reward_extraction)
+    correct = (rewards >= 0.5).sum(axis=1)
     metrics = summarize_benchmark(np.full(len(token_ids), k), correct, config.evaluate.pass_at)
     levels = table["level"].to_numpy()
     for level in sorted(set(levels.tolist()) - {-1}):

@@ -17,11 +17,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from pipeline_lib import storage
+from pipeline_lib import dvc_remote
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.storage import PushError
+from pipeline_lib.dvc_remote import PushError
 from pipeline_lib.tracking import start_run
-from tasks.tracking import git_commit, tracking_uri
+from tasks.tracking import git_commit, prepare_tracking_store
 
 __all__ = ["PushError", "push_outputs", "record_pushed_state"]
 
@@ -49,7 +49,7 @@ def push_outputs(remote: str | None = None, repo_dir: str = ".") -> dict[str, An
     Returns what was pushed where (remote, url, endpoint_url, seconds, summary). After the
     last retry the PushError names the remote, its URL and endpoint, and DVC's error.
     """
-    result = storage.push(repo_dir, remote, timeout_s=PUSH_TIMEOUT_S)
+    result = dvc_remote.push(repo_dir, remote, timeout_s=PUSH_TIMEOUT_S)
     get_run_logger().info(
         "dvc push to %s: %s in %.1f s", result.remote.describe(), result.summary, result.seconds
     )
@@ -86,7 +86,9 @@ def record_pushed_state(
     The stage runs log `dvc.lock` as it was when they started; DVC rewrites it after each
     stage, so only this copy, taken after the push, pins what was pushed.
     """
-    with start_run(tracking_uri(config), config.tracking.experiment, run_id=parent_run_id) as run:
+    with start_run(
+        prepare_tracking_store(config), config.tracking.experiment, run_id=parent_run_id
+    ) as run:
         dirty = _git_dirty_files(repo_dir)
         run.set_tags(
             {

@@ -26,11 +26,11 @@ PIPELINE_KEY_TAG = "knapsack_rl.pipeline_key"
 FLUSH_EVERY = 10
 
 
-def tracking_uri(config: PipelineConfig) -> str:
-    """MLFLOW_TRACKING_URI when set, else params.yaml's tracking.uri.
+def prepare_tracking_store(config: PipelineConfig) -> str:
+    """The tracking URI (MLFLOW_TRACKING_URI when set, else params.yaml's tracking.uri),
+    with a local sqlite store made ready: its folder created and WAL journaling on.
 
-    A local sqlite store is switched to WAL journaling (once; it persists in the
-    file): writes get cheaper and stages can write while the UI reads.
+    WAL persists in the file: writes get cheaper and stages can write while the UI reads.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking.uri
     if uri.startswith("sqlite:///"):
@@ -60,7 +60,7 @@ def find_or_create_parent(config: PipelineConfig) -> str:
     """The parent run of this configuration at this commit, created on first use."""
     from mlflow import MlflowClient
 
-    uri, key = tracking_uri(config), pipeline_key(config)
+    uri, key = prepare_tracking_store(config), pipeline_key(config)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
@@ -88,7 +88,7 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[Tracker]:
     """A nested MLflow run for one stage under the pipeline's parent run."""
     parent = os.environ.get(PARENT_ENV) or find_or_create_parent(config)
     with start_run(
-        tracking_uri(config),
+        prepare_tracking_store(config),
         config.tracking.experiment,
         run_name=stage,
         tags={"stage": stage, "git_commit": git_commit()},
@@ -103,3 +103,20 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[Tracker]:
         for name in ("params.yaml", "dvc.lock"):
             if Path(name).exists():
                 tracker.log_artifact(name, "pipeline")
+
+
+def find_run_by_tag(config: PipelineConfig, tag: str, value: str) -> str | None:
+    """The newest run of the experiment with `tag` = `value`, if any."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=prepare_tracking_store(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{tag}` = '{value}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None

@@ -1,25 +1,40 @@
-"""Prefect task of stage `train`: one allocation strategy's Knapsack-GRPO run."""
+"""Prefect task of stage `train`: one allocation strategy's Knapsack-GRPO run.
+
+The task builds what the loop needs (policy, prompt sets, updater, checkpointer,
+MLflow run) and hands it to `pipeline_lib.training.train_policy`. No Prefect result
+cache: DVC decides when the stage reruns, and a rerun must really train.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+import transformers
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib.config import PipelineConfig
+from pipeline_lib.config import PipelineConfig, TrainConfig
 from pipeline_lib.data.schema import read_prompts
-from pipeline_lib.policy.tiny import load_policy, save_policy
-from pipeline_lib.prompts import encode_prompts
+from pipeline_lib.policy.checkpoint import load_policy, save_policy
+from pipeline_lib.prompts import PromptSet, encode_prompts
 from pipeline_lib.rollout.base import RolloutEngine
 from pipeline_lib.tracking import Tracker, start_run
-from pipeline_lib.training import PromptSet, read_checkpoint_meta, train_policy
-from tasks.tracking import tracking_uri
+from pipeline_lib.training import (
+    DirectoryCheckpointer,
+    TrainingResult,
+    TrainingRun,
+    TrainState,
+    train_policy,
+)
+from pipeline_lib.update import LocalUpdater, Updater, UpdateSettings
+from tasks.tracking import find_run_by_tag, prepare_tracking_store
 
 STATE_ROOT = Path("outputs/train_state")
+TRAIN_KEY_TAG = "knapsack_rl.train_key"
 
 
 def prompt_set(path: str, tokenizer, config: PipelineConfig) -> PromptSet:
@@ -34,22 +49,38 @@ def prompt_set(path: str, tokenizer, config: PipelineConfig) -> PromptSet:
     return PromptSet(table["id"].tolist(), token_ids, table["answer"].tolist())
 
 
+def open_updater(model: transformers.PreTrainedModel, config: TrainConfig) -> Updater:
+    """In this process for `update_processes: 1`, else a worker group (FSDP on GPUs).
+
+    The group is imported only when asked for: it starts processes and needs accelerate.
+    """
+    settings = UpdateSettings.from_train_config(config)
+    if config.update_processes == 1:
+        return LocalUpdater(model, learning_rate=config.learning_rate, settings=settings)
+    from pipeline_lib.update.distributed import AccelerateUpdateGroup
+
+    return AccelerateUpdateGroup(
+        model,
+        num_processes=config.update_processes,
+        learning_rate=config.learning_rate,
+        settings=settings,
+    )
+
+
 def _strategy_run(
-    config: PipelineConfig, stage_tracker: Tracker, strategy: str, state_dir: Path, key: str
+    config: PipelineConfig, stage_tracker: Tracker, strategy: str, key: str, resuming: bool
 ) -> AbstractContextManager[Tracker]:
-    """Continue the MLflow run of an interrupted attempt, or open a new nested one."""
-    meta = read_checkpoint_meta(state_dir)
-    if meta and meta["fingerprint"] == key and meta.get("mlflow_run_id"):
+    """Continue the MLflow run of an interrupted attempt (found by its key tag), or open one."""
+    previous = find_run_by_tag(config, TRAIN_KEY_TAG, key) if resuming else None
+    if previous is not None:
         return start_run(
-            tracking_uri(config), config.tracking.experiment, run_id=meta["mlflow_run_id"]
+            prepare_tracking_store(config), config.tracking.experiment, run_id=previous
         )
-    return stage_tracker.child(f"train/{strategy}", tags={"strategy": strategy, "stage": "train"})
+    tags = {"strategy": strategy, "stage": "train", TRAIN_KEY_TAG: key}
+    return stage_tracker.child(f"train/{strategy}", tags=tags)
 
 
-@task(
-    cache_policy=(INPUTS + TASK_SOURCE) - "engine" - "stage_tracker",
-    persist_result=True,
-)
+@task(cache_policy=NO_CACHE)
 def train_strategy(
     config: PipelineConfig,
     strategy: str,
@@ -63,8 +94,8 @@ def train_strategy(
 ) -> dict[str, float | str]:
     """Train from the starting policy with one strategy; return its summary and output paths.
 
-    Cached on the configuration, strategy and content hashes of the starting
-    policy and data; an interrupted run resumes from its last checkpoint.
+    An interrupted run with the same configuration, start policy and data resumes
+    from its last checkpoint.
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -72,37 +103,45 @@ def train_strategy(
     if torch.cuda.is_available() and config.train.update_processes == 1:
         model.to("cuda")  # the update runs in this process: on the GPU (a group places its own)
     engine.update_weights(model.state_dict())  # the engine may hold another run's weights
-    state_dir = STATE_ROOT / strategy
     key = f"{config.fingerprint()}-{strategy}-{start_hash}-{data_hash}"
+    checkpointer = DirectoryCheckpointer(STATE_ROOT / strategy, fingerprint=key)
+    state = checkpointer.restore(model) or TrainState()
+    run = TrainingRun(
+        model=model,
+        tokenizer=tokenizer,
+        train_set=prompt_set(train_path, tokenizer, config),
+        heldout_set=prompt_set(heldout_path, tokenizer, config),
+        config=config.train,
+        strategy=strategy,
+        seed=config.seed,
+    )
     output_dir = Path(config.train.output_dir) / strategy
-    with _strategy_run(config, stage_tracker, strategy, state_dir, key) as tracker:
+    with (
+        _strategy_run(config, stage_tracker, strategy, key, state.step > 0) as tracker,
+        # Opened after the restore: a worker group copies the model's weights when it starts.
+        contextlib.closing(open_updater(model, config.train)) as updater,
+    ):
         tracker.log_params({"strategy": strategy})
-        result = train_policy(
-            model=model,
-            tokenizer=tokenizer,
-            engine=engine,
-            train_set=prompt_set(train_path, tokenizer, config),
-            heldout_set=prompt_set(heldout_path, tokenizer, config),
-            config=config.train,
-            strategy=strategy,
-            seed=config.seed,
-            state_dir=state_dir,
-            fingerprint=key,
-            tracker=tracker,
-        )
+        result = train_policy(run, state, engine, updater, tracker, checkpointer)
         save_policy(model, tokenizer, output_dir)
-        steps_csv = output_dir / "steps.csv"
-        result.steps.to_csv(steps_csv, index=False)
-        summary = {
-            "final_accuracy": result.final_accuracy,
-            "mean_effective_gradient_ratio": result.mean_effective_gradient_ratio,
-            "rollout_tokens_per_second": result.rollout_tokens_per_second,
-            "resumed_from_step": float(result.resumed_from_step),
-            "mean_step_seconds": float(result.steps["time/step_seconds"].mean()),
-            "mean_tracking_seconds": float(result.steps["time/tracking_seconds"].mean()),
-        }
-        tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()})
-        tracker.log_artifact(str(steps_csv), "metrics")
-        tracker.log_artifact(str(output_dir), "policy")
+        summary = _write_outputs(result, output_dir, tracker)
+    return summary | {"policy_dir": str(output_dir), "steps_csv": str(output_dir / "steps.csv")}
+
+
+def _write_outputs(result: TrainingResult, output_dir: Path, tracker: Tracker) -> dict[str, float]:
+    """steps.csv and train_summary.json beside the policy; both and the policy to MLflow."""
+    steps_csv = output_dir / "steps.csv"
+    result.steps.to_csv(steps_csv, index=False)
+    summary = {
+        "final_accuracy": result.final_accuracy,
+        "mean_effective_gradient_ratio": result.mean_effective_gradient_ratio,
+        "rollout_tokens_per_second": result.rollout_tokens_per_second,
+        "resumed_from_step": float(result.resumed_from_step),
+        "mean_step_seconds": float(result.steps["time/step_seconds"].mean()),
+        "mean_tracking_seconds": float(result.steps["time/tracking_seconds"].mean()),
+    }
+    tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()})
+    tracker.log_artifact(str(steps_csv), "metrics")
+    tracker.log_artifact(str(output_dir), "policy")
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary | {"policy_dir": str(output_dir), "steps_csv": str(steps_csv)}
+    return summary

@@ -15,10 +15,12 @@ import signal
 import pytest
 import torch
 
-from pipeline_lib.distributed_update import AccelerateUpdateGroup, UpdateWorkerError
-from pipeline_lib.policy.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_qwen2
+from pipeline_lib.config import TinyModelParams
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
 from pipeline_lib.rollout.base import Completion
-from pipeline_lib.update import LocalUpdater, UpdateSettings, build_update_batch, open_updater
+from pipeline_lib.update import LocalUpdater, UpdateSettings, build_update_batch
+from pipeline_lib.update.distributed import AccelerateUpdateGroup, UpdateWorkerError
 
 # The batch has 11 rows with signal: rank 0 takes 6, rank 1 takes 5. With 3 rows
 # per micro-batch both ranks run 2 micro-batches.
@@ -28,7 +30,7 @@ SETTINGS = UpdateSettings(micro_batch_rows=3)
 @pytest.fixture(scope="module")
 def policy():
     tokenizer = build_char_tokenizer()
-    config = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    config = TinyModelParams(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     return build_tiny_qwen2(tokenizer, config), tokenizer
 
 
@@ -148,9 +150,10 @@ def test_dead_worker_is_reported_not_waited_for(policy):
 
 
 def test_open_updater_picks_the_process_count(policy):
+    from pipeline_lib.config import TrainConfig
+    from tasks.train import open_updater
+
     model, _ = policy
-    assert isinstance(
-        open_updater(model, processes=1, learning_rate=1e-3, settings=SETTINGS), LocalUpdater
-    )
+    assert isinstance(open_updater(model, TrainConfig(update_processes=1)), LocalUpdater)
     with pytest.raises(ValueError, match="at least 1"):
         AccelerateUpdateGroup(model, num_processes=0, learning_rate=1e-3, settings=SETTINGS)

@@ -6,22 +6,15 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline_lib.policy.sft import (
-    IGNORE_INDEX,
-    SFTConfig,
-    build_sft_batch,
-    completion_accuracy,
-    run_sft,
-    sampling_probabilities,
-)
-from pipeline_lib.policy.tiny import (
-    CHARACTERS,
-    TinyModelConfig,
-    build_char_tokenizer,
-    build_tiny_qwen2,
-    load_policy,
-    save_policy,
-)
+from pipeline_lib.config import SFTParams, TinyModelParams
+from pipeline_lib.policy.checkpoint import load_policy, save_policy
+from pipeline_lib.policy.sft import IGNORE_INDEX, build_sft_batch, run_sft, sampling_probabilities
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import CHARACTERS, build_char_tokenizer
+from pipeline_lib.prompts import PromptSet, encode_prompts
+from pipeline_lib.rollout.base import SamplingConfig
+from pipeline_lib.rollout.hf_engine import HFGenerateEngine
+from pipeline_lib.scoring import sample_rewards
 
 TEXT = "  12+ 345=357"
 
@@ -57,7 +50,7 @@ def test_tokenizer_reloads_identically_alone_and_next_to_a_qwen2_config(tmp_path
     tokenizer = build_char_tokenizer()
     tokenizer.save_pretrained(tmp_path / "alone")
     save_policy(
-        build_tiny_qwen2(tokenizer, TinyModelConfig(num_layers=1)), tokenizer, tmp_path / "p"
+        build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1)), tokenizer, tmp_path / "p"
     )
     texts = [TEXT, "  1+  2=3<eos>", "12 + 3 = 15", "999*  9=8991"]
     for directory in (tmp_path / "alone", tmp_path / "p"):
@@ -72,7 +65,7 @@ def test_tokenizer_reloads_identically_alone_and_next_to_a_qwen2_config(tmp_path
 
 def test_tiny_model_has_about_a_million_parameters_and_tokenizer_ids():
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TinyModelConfig())
+    model = build_tiny_qwen2(tokenizer, TinyModelParams())
     assert 1.0e6 < model.num_parameters() < 1.1e6
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.tie_word_embeddings
@@ -83,15 +76,15 @@ def test_tiny_model_has_about_a_million_parameters_and_tokenizer_ids():
 
 def test_same_seed_builds_identical_weights():
     tokenizer = build_char_tokenizer()
-    first = build_tiny_qwen2(tokenizer, TinyModelConfig(seed=7))
-    second = build_tiny_qwen2(tokenizer, TinyModelConfig(seed=7))
+    first = build_tiny_qwen2(tokenizer, TinyModelParams(), seed=7)
+    second = build_tiny_qwen2(tokenizer, TinyModelParams(), seed=7)
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_saved_policy_loads_with_auto_classes_and_gives_identical_logits(tmp_path):
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TinyModelConfig(num_layers=1, seed=1)).eval()
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1), seed=1).eval()
     directory = save_policy(model, tokenizer, tmp_path / "policy")
     assert (directory / "model.safetensors").is_file()
     assert (directory / "tokenizer.json").is_file()
@@ -113,8 +106,8 @@ def test_saved_policy_loads_with_auto_classes_and_gives_identical_logits(tmp_pat
 
 def test_save_policy_replaces_an_existing_checkpoint(tmp_path):
     tokenizer = build_char_tokenizer()
-    old = build_tiny_qwen2(tokenizer, TinyModelConfig(num_layers=1, seed=1))
-    new = build_tiny_qwen2(tokenizer, TinyModelConfig(num_layers=1, seed=2))
+    old = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1), seed=1)
+    new = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1), seed=2)
     save_policy(old, tokenizer, tmp_path / "policy")
     save_policy(new, tokenizer, tmp_path / "policy")
     loaded, _ = load_policy(str(tmp_path / "policy"))
@@ -144,15 +137,21 @@ def test_sampling_probabilities_give_each_level_its_weighted_share():
 
 def test_a_few_sft_steps_reduce_the_loss_on_a_tiny_batch():
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TinyModelConfig(num_layers=2, seed=0))
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=2), seed=0)
     problems, answers, levels = ["  7+  5=", " 12+  3=", " 11*  4="], ["12", "15", "44"], [1, 2, 6]
     batch = build_sft_batch(tokenizer, problems, answers)
     with torch.no_grad():
         before = model(**batch).loss.item()
-    config = SFTConfig(num_steps=25, batch_size=8, warmup_steps=1, seed=0, num_threads=1)
-    metrics = run_sft(model, tokenizer, problems, answers, levels, config, progress=False)
+    config = SFTParams(steps=25, batch_size=8, warmup_steps=1)
+    metrics = run_sft(
+        model, tokenizer, problems, answers, levels, config, seed=0, num_threads=1, progress=False
+    )
     with torch.no_grad():
         after = model(**batch).loss.item()
     assert after < 0.5 * before
     assert metrics["sft/steps"] == 25
-    assert completion_accuracy(model, tokenizer, problems, answers).mean() == 1.0
+    # Greedy completions through the rollout interface, graded by rewards.py.
+    prompts = PromptSet(["a", "b", "c"], encode_prompts(tokenizer, problems), answers)
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0.0)
+    rewards = sample_rewards(HFGenerateEngine(model, tokenizer), prompts, greedy, 1, "last_number")
+    assert rewards.tolist() == [[1.0], [1.0], [1.0]]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib import storage
-from pipeline_lib.storage import PushError, S3Remote, StorageError, configure_dvc_remote
+from pipeline_lib import dvc_remote
+from pipeline_lib.dvc_remote import PushError, S3Remote, StorageError, configure_dvc_remote
 
 
 def closed_port() -> int:
@@ -56,7 +56,9 @@ def repo(tmp_path: Path) -> Path:
 def test_failures_are_explained_and_classed_transient_or_not(
     dvc_output: str, transient: bool, hint: str
 ) -> None:
-    message, is_transient = storage.explain_failure(f"{dvc_output}\n\nHaving any troubles? ...\n")
+    message, is_transient = dvc_remote.explain_failure(
+        f"{dvc_output}\n\nHaving any troubles? ...\n"
+    )
     assert is_transient is transient
     assert hint in message and not message.startswith("ERROR")
     assert "Having any troubles" not in message
@@ -81,8 +83,8 @@ def test_remote_set_up_commits_url_and_endpoint_and_keeps_keys_local(repo: Path)
     assert "s3cr3t-value" in (repo / ".dvc" / "config.local").read_text()
     ignored = subprocess.run(["git", "check-ignore", "-q", ".dvc/config.local"], cwd=repo)
     assert ignored.returncode == 0
-    assert storage.committed_secrets(repo) == []
-    assert storage.read_remote(repo) == remote
+    assert dvc_remote.committed_secrets(repo) == []
+    assert dvc_remote.read_remote(repo) == remote
 
 
 def test_a_secret_in_the_committed_config_is_found_and_refused(repo: Path) -> None:
@@ -90,7 +92,7 @@ def test_a_secret_in_the_committed_config_is_found_and_refused(repo: Path) -> No
         "[core]\n    remote = storage\n['remote \"storage\"']\n    url = s3://bucket/dvc\n"
         "    secret_access_key = leaked\n"
     )
-    assert storage.committed_secrets(repo) == ["remote.storage.secret_access_key"]
+    assert dvc_remote.committed_secrets(repo) == ["remote.storage.secret_access_key"]
     with pytest.raises(StorageError, match="secret_access_key.*config.local"):
         configure_dvc_remote(repo, S3Remote("s3://bucket/dvc"))
 
@@ -109,7 +111,7 @@ def test_reconfiguring_a_remote_keeps_its_other_options(repo: Path) -> None:
 
 def test_push_without_a_remote_fails_without_retrying(repo: Path) -> None:
     with pytest.raises(PushError, match="no default DVC remote.*setup_s3_remote") as error:
-        storage.push(repo)
+        dvc_remote.push(repo)
     assert not error.value.transient
 
 
@@ -121,7 +123,7 @@ def test_push_to_a_store_that_does_not_answer_fails_at_once_as_transient(
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     configure_dvc_remote(repo, S3Remote("s3://bucket/dvc"))
     with pytest.raises(PushError, match="remote 'storage'.*does not answer.*untouched") as error:
-        storage.push(repo)
+        dvc_remote.push(repo)
     assert error.value.transient
 
 

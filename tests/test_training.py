@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.config import TrainConfig
+from pipeline_lib.config import TinyModelParams, TrainConfig
 from pipeline_lib.data.synthetic import split_arithmetic
-from pipeline_lib.policy.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_qwen2
-from pipeline_lib.prompts import encode_prompts
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
+from pipeline_lib.prompts import PromptSet, encode_prompts
 from pipeline_lib.rollout.hf_engine import HFGenerateEngine
 from pipeline_lib.tracking import NullTracker
-from pipeline_lib.training import PromptSet, read_checkpoint_meta, step_prompts, train_policy
+from pipeline_lib.training import (
+    DirectoryCheckpointer,
+    TrainingRun,
+    TrainState,
+    step_prompts,
+    train_policy,
+)
+from tasks.train import open_updater
 
 
 class CrashingEngine:
@@ -53,9 +63,8 @@ def setup():
     def fresh_model():
         return build_tiny_qwen2(
             tokenizer,
-            TinyModelConfig(
-                hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0
-            ),
+            TinyModelParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+            seed=0,
         )
 
     config = TrainConfig(
@@ -71,26 +80,24 @@ def setup():
 
 
 def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", update_processes=1):
+    """The train task's wiring: restore, open the updater on the restored model, train."""
     tokenizer, train_set, heldout_set, fresh_model, config = setup
     config = config.model_copy(update={"update_processes": update_processes})
     model = fresh_model()
     engine = engine_wrapper(HFGenerateEngine(fresh_model(), tokenizer))
     engine.update_weights(model.state_dict())
-    result = train_policy(
-        model=model,
-        tokenizer=tokenizer,
-        engine=engine,
-        train_set=train_set,
-        heldout_set=heldout_set,
-        config=config,
-        strategy=strategy,
-        seed=0,
-        state_dir=tmp_path,
-        fingerprint="test",
-        tracker=NullTracker(),
-        progress=False,
-    )
+    checkpointer = DirectoryCheckpointer(tmp_path, fingerprint="test")
+    state = checkpointer.restore(model) or TrainState()
+    training = TrainingRun(model, tokenizer, train_set, heldout_set, config, strategy, seed=0)
+    with contextlib.closing(open_updater(model, config)) as updater:
+        result = train_policy(
+            training, state, engine, updater, NullTracker(), checkpointer, progress=False
+        )
     return result, model, engine
+
+
+def saved_step(state_dir):
+    return DirectoryCheckpointer(state_dir, fingerprint="test").saved_step()
 
 
 def test_loop_records_every_step_and_checkpoint(setup, tmp_path):
@@ -101,7 +108,7 @@ def test_loop_records_every_step_and_checkpoint(setup, tmp_path):
     assert (trained["alloc/mean_rollouts"] == 4).all()  # budget = 8 prompts x 4
     assert trained["rollout/effective_gradient_ratio"].between(0, 1).all()
     assert {"train/loss", "train/grad_norm", "sync/seconds", "eval/accuracy"} <= set(steps.columns)
-    assert read_checkpoint_meta(tmp_path)["step"] == 2
+    assert saved_step(tmp_path) == 3
 
 
 # 2 update processes: a worker group (accelerate DDP here, FSDP on GPUs) whose
@@ -118,7 +125,7 @@ def test_crash_resumes_from_last_completed_step_without_repeating_rollouts(
             lambda e: CrashingEngine(e, crash_on_call=5),
             update_processes=update_processes,
         )
-    assert read_checkpoint_meta(tmp_path)["step"] == 1  # steps 1 and 2 (0-based 0, 1) done
+    assert saved_step(tmp_path) == 2  # steps 1 and 2 done
 
     result, model, engine = run(
         setup, tmp_path, lambda e: CrashingEngine(e), update_processes=update_processes
@@ -154,7 +161,8 @@ def test_update_diagnostics_average_over_rows_with_signal():
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(
         tokenizer,
-        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0),
+        TinyModelParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        seed=0,
     )
     prompt = encode_prompts(tokenizer, ["  1+  2="])[0]
     completions = [
@@ -167,4 +175,3 @@ def test_update_diagnostics_average_over_rows_with_signal():
     batch = build_update_batch(completions, advantages, tokenizer.pad_token_id)
     stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, UpdateSettings())
     assert stats["train/rows_with_signal"] == 2
-    assert stats["train/ratio_mean"] == pytest.approx(1.0)  # on-policy: the ratio is exactly 1

@@ -6,13 +6,13 @@ source (where the row came from), level (difficulty, -1 when unknown).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
+
+from pipeline_lib.atomic import atomic_file
 
 PROMPT_COLUMNS = ["id", "problem", "answer", "source", "level"]
 UNKNOWN_LEVEL = -1
@@ -64,17 +64,9 @@ def validate_prompts(table: pd.DataFrame, *, origin: str) -> pd.DataFrame:
 def write_prompts(table: pd.DataFrame, path: str | Path) -> Path:
     """Validate, then write parquet atomically (temp file + rename): never a half-written file."""
     table = validate_prompts(table, origin=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def read_prompts(path: str | Path) -> pd.DataFrame:

@@ -13,15 +13,13 @@ import pytest
 import torch
 import transformers
 
-from pipeline_lib.policy.tiny import (
-    TinyModelConfig,
-    build_char_tokenizer,
-    build_tiny_qwen2,
-    save_policy,
-)
+from pipeline_lib.config import TinyModelParams
+from pipeline_lib.policy.checkpoint import save_policy
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
 from pipeline_lib.rollout.base import RolloutEngine
 
-ROLLOUT_MODEL_CONFIG = TinyModelConfig(seed=0)
+ROLLOUT_MODEL_CONFIG = TinyModelParams()
 
 
 @pytest.fixture(scope="session")

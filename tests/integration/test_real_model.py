@@ -206,7 +206,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator
 
 def hf_minus_vllm_logprobs(policy_dir: Path, completions: list) -> float:
     """Mean |log p_HF - log p_vLLM| over the sampled tokens of `completions`."""
-    from pipeline_lib.policy.tiny import load_policy
+    from pipeline_lib.policy.checkpoint import load_policy
     from pipeline_lib.update import build_update_batch, token_logprobs
 
     model, tokenizer = load_policy(str(policy_dir))

@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
+from pipeline_lib.config import TinyModelParams
 from pipeline_lib.data.synthetic import format_problem
-from pipeline_lib.policy.tiny import TinyModelConfig, build_tiny_qwen2
+from pipeline_lib.policy.tiny import build_tiny_qwen2
 from pipeline_lib.rollout.base import Completion, RolloutEngine, SamplingConfig
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ def encode_prompts(tokenizer: transformers.PreTrainedTokenizerBase) -> list[list
 def model_with_state(
     tokenizer: transformers.PreTrainedTokenizerBase, state: dict[str, torch.Tensor]
 ) -> transformers.PreTrainedModel:
-    model = build_tiny_qwen2(tokenizer, TinyModelConfig())
+    model = build_tiny_qwen2(tokenizer, TinyModelParams())
     model.load_state_dict(state)
     return model.eval()
 
@@ -153,7 +154,7 @@ def test_weight_sync_switches_engine_to_new_weights_without_restart(
     greedy = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
     before = flatten(rollout_engine.generate(prompts, [1, 1, 1, 1], greedy))
 
-    new_model = build_tiny_qwen2(rollout_tokenizer, TinyModelConfig(seed=1)).eval()
+    new_model = build_tiny_qwen2(rollout_tokenizer, TinyModelParams(), seed=1).eval()
     rollout_engine.update_weights(new_model.state_dict())
     after = flatten(rollout_engine.generate(prompts, [1, 1, 1, 1], greedy))
 

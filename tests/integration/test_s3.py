@@ -17,11 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib import storage
+from pipeline_lib import dvc_remote
 from pipeline_lib.config import parse_config
 from pipeline_lib.data.schema import validate_prompts
 from pipeline_lib.data.sources import SourceError, read_source
-from pipeline_lib.storage import PushError, S3Remote, configure_dvc_remote, ensure_bucket
+from pipeline_lib.dvc_remote import PushError, S3Remote, configure_dvc_remote, ensure_bucket
 from pipeline_lib.tracking import start_run
 from tests.integration.s3_server import TEST_BUCKET, S3Server, make_bucket, running_s3_server
 
@@ -224,12 +224,12 @@ def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
     assert s3_env.endpoint_url in committed_config
     assert s3_env.access_key not in committed_config and s3_env.secret_key not in committed_config
 
-    pushed = storage.push(repo)
+    pushed = dvc_remote.push(repo)
     assert "pushed" in pushed.summary and pushed.remote.endpoint_url == s3_env.endpoint_url
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
     assert not (clone / "out").exists() and not (clone / ".dvc" / "cache").exists()
-    storage.pull(clone)
+    dvc_remote.pull(clone)
     assert tree_hashes(clone / "out") == first
 
     # A second run leaves dvc.lock changed but uncommitted, as a deployment's run does.
@@ -241,7 +241,7 @@ def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
         "remote": pushed.remote.name,
         "url": pushed.remote.url,
         "endpoint_url": s3_env.endpoint_url,
-        "summary": storage.push(repo).summary,
+        "summary": dvc_remote.push(repo).summary,
     }
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -265,7 +265,7 @@ def test_dvc_push_then_pull_at_that_commit_restores_outputs_exactly(
     assert "dvc.lock" in tags["git_dirty"] and tags["dvc.remote_url"] == f"s3://{bucket}/dvc"
     lock = MlflowClient(uri).download_artifacts(parent.run_id, "dvc/dvc.lock", str(tmp_path))
     shutil.copy(lock, clone / "dvc.lock")  # the clone is still at the recorded commit
-    storage.pull(clone)
+    dvc_remote.pull(clone)
     assert tree_hashes(clone / "out") == second
 
 
@@ -278,13 +278,13 @@ def test_push_to_a_missing_bucket_or_with_a_wrong_key_fails_at_once_and_says_why
     endpoint = s3_env.endpoint_url
     configure_dvc_remote(repo, S3Remote("s3://no-such-bucket/dvc", endpoint_url=endpoint))
     with pytest.raises(PushError, match="remote 'storage'.*no-such-bucket.*create it") as missing:
-        storage.push(repo)
+        dvc_remote.push(repo)
     assert not missing.value.transient  # a retry cannot help: the task must not retry
 
     configure_dvc_remote(repo, S3Remote(f"s3://{TEST_BUCKET}/dvc", endpoint_url=endpoint))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(PushError, match=s3_env.endpoint_url) as refused:
-        storage.push(repo)
+        dvc_remote.push(repo)
     assert not refused.value.transient and "AWS_SECRET_ACCESS_KEY" in str(refused.value)
 
 
@@ -324,7 +324,7 @@ def test_store_lost_mid_push_gives_a_clear_transient_error_and_loses_nothing_loc
 
     def push_in_background() -> None:
         try:
-            outcome["result"] = storage.push(repo, jobs=2, unreachable_after_s=3)
+            outcome["result"] = dvc_remote.push(repo, jobs=2, unreachable_after_s=3)
         except PushError as error:
             outcome["error"] = error
 
@@ -344,14 +344,14 @@ def test_store_lost_mid_push_gives_a_clear_transient_error_and_loses_nothing_loc
     assert time.monotonic() - killed_at < 60  # not minutes of DVC retrying file after file
     assert local_state() == before
     with pytest.raises(PushError, match="does not answer") as down:
-        storage.push(repo)
+        dvc_remote.push(repo)
     assert down.value.transient
 
     server.start()  # same ports, same data folder
-    assert "pushed" in storage.push(repo).summary
+    assert "pushed" in dvc_remote.push(repo).summary
     shutil.rmtree(data)
     shutil.rmtree(repo / ".dvc" / "cache")
-    storage.pull(repo)
+    dvc_remote.pull(repo)
     assert local_state() == before
 
 
@@ -376,13 +376,13 @@ def test_push_task_retries_an_unreachable_store_with_backoff_then_fails_naming_i
     unconfigured = new_dvc_repo(tmp_path / "unconfigured")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     attempts: dict[str, list[float]] = {str(down): [], str(unconfigured): []}
-    real_push = storage.push
+    real_push = dvc_remote.push
 
-    def counted_push(repo_dir: str, *args: object, **kwargs: object) -> storage.TransferResult:
+    def counted_push(repo_dir: str, *args: object, **kwargs: object) -> dvc_remote.TransferResult:
         attempts[repo_dir].append(time.monotonic())
         return real_push(repo_dir, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "push", counted_push)  # counts the task's attempts, no more
+    monkeypatch.setattr(dvc_remote, "push", counted_push)  # counts the task's attempts, no more
     quick = push_outputs.with_options(retries=2, retry_delay_seconds=[0.5, 1.0])
 
     @flow

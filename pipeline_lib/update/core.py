@@ -1,15 +1,16 @@
-"""One GRPO policy update in torch: batch completions, score tokens, step the optimiser.
+"""What every GRPO updater shares: the batch, the micro-batched loss, the optimiser step.
 
 The RL math lives in `grpo.py`; this module only moves completions into tensors
-and back. B = completions in the update, L = longest prompt + response.
+and back, and owns the one zero_grad -> backward -> clip -> step sequence that the
+in-process updater (`local.py`) and the worker group (`distributed.py`) both run.
+B = completions in the update, L = longest prompt + response.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import transformers
@@ -17,17 +18,28 @@ import transformers
 from pipeline_lib.grpo import LossAggregation, policy_loss
 from pipeline_lib.rollout.base import Completion
 
+if TYPE_CHECKING:
+    from pipeline_lib.config import TrainConfig
+
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    """The loss and optimiser knobs of one update (see `grpo.policy_loss`)."""
+    """The loss and optimiser knobs of one update (see `grpo.policy_loss`).
+
+    Each field is the `train` params field of the same name (documented there);
+    `from_train_config` copies them by name, so there is one default per knob.
+    """
 
     clip_low: float = 0.2
     clip_high: float = 0.28
-    aggregation: LossAggregation = "token-mean"
+    loss_aggregation: LossAggregation = "token-mean"
     kl_coef: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_rows: int = 1024
+
+    @classmethod
+    def from_train_config(cls, config: TrainConfig) -> UpdateSettings:
+        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -172,13 +184,13 @@ def _backward_chunk(
         mask,
         clip_low=settings.clip_low,
         clip_high=settings.clip_high,
-        aggregation=settings.aggregation,
+        aggregation=settings.loss_aggregation,
         seq_sum_norm=norms.seq_norm,
     )
     # Rescale the chunk's aggregate to its share of the full batch.
-    if settings.aggregation == "token-mean":
+    if settings.loss_aggregation == "token-mean":
         weight = float(mask.sum()) / norms.tokens
-    elif settings.aggregation == "seq-mean-token-mean":
+    elif settings.loss_aggregation == "seq-mean-token-mean":
         weight = float(mask.shape[0]) / norms.rows
     else:
         weight = 1.0
@@ -210,36 +222,26 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     return totals
 
 
-def grpo_update(
-    model: transformers.PreTrainedModel,
+def apply_optimizer_step(
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: UpdateBatch,
-    settings: UpdateSettings,
-) -> dict[str, float]:
-    """One on-policy update over the batch in this process; returns namespaced diagnostics."""
-    started = time.perf_counter()
-    rows = signal_rows(batch, settings)
-    stats = {
-        "train/rows_with_signal": float(rows.numel()),
-        "train/loss": 0.0,
-        "train/grad_norm": 0.0,
-    }
-    if rows.numel() == 0:
-        return stats | {"train/update_seconds": time.perf_counter() - started}
+    backward: Callable[[], dict[str, float]],
+    clip_grad_norm: Callable[[], torch.Tensor],
+) -> tuple[dict[str, float], float]:
+    """zero_grad -> `backward()` (accumulates gradients) -> `clip_grad_norm()` -> step.
+
+    Returns the backward pass's diagnostic sums and the gradient norm before
+    clipping. The model is in training mode only while the gradients are made.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    totals = backward_rows(model, batch, rows, settings, BatchNorms.of(batch, rows))
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    totals = backward()
+    grad_norm = clip_grad_norm()
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     model.eval()
-    return (
-        stats
-        | summarize(totals)
-        | {
-            "train/grad_norm": float(grad_norm),
-            "train/update_seconds": time.perf_counter() - started,
-        }
-    )
+    return totals, float(grad_norm)
 
 
 class Updater(Protocol):
@@ -253,50 +255,3 @@ class Updater(Protocol):
     def optimizer_state_dict(self) -> dict[str, Any]: ...
     def load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None: ...
     def close(self) -> None: ...
-
-
-class LocalUpdater:
-    """GRPO updates in this process, on the policy's own device, with AdamW.
-
-    `distributed_update.AccelerateUpdateGroup` does the same in several
-    processes (FSDP on GPUs).
-    """
-
-    def __init__(
-        self, model: transformers.PreTrainedModel, *, learning_rate: float, settings: UpdateSettings
-    ) -> None:
-        self._model = model
-        self._settings = settings
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-
-    def update(self, batch: UpdateBatch) -> dict[str, float]:
-        return grpo_update(self._model, self.optimizer, batch, self._settings)
-
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def close(self) -> None:
-        """Nothing to stop: everything lives in this process."""
-
-
-def open_updater(
-    model: transformers.PreTrainedModel,
-    *,
-    processes: int,
-    learning_rate: float,
-    settings: UpdateSettings,
-) -> Updater:
-    """The policy's updater: in this process for 1, a worker group (FSDP on GPUs) for more.
-
-    The group is imported only when asked for: it starts processes and needs accelerate.
-    """
-    if processes == 1:
-        return LocalUpdater(model, learning_rate=learning_rate, settings=settings)
-    from pipeline_lib.distributed_update import AccelerateUpdateGroup
-
-    return AccelerateUpdateGroup(
-        model, num_processes=processes, learning_rate=learning_rate, settings=settings
-    )

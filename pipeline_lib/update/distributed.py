@@ -30,10 +30,11 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 
-from pipeline_lib.update import (
+from pipeline_lib.update.core import (
     BatchNorms,
     UpdateBatch,
     UpdateSettings,
+    apply_optimizer_step,
     backward_rows,
     signal_rows,
     summarize,
@@ -50,7 +51,7 @@ class UpdateWorkerError(RuntimeError):
 class AccelerateUpdateGroup:
     """N worker processes that update one policy together (FSDP on GPUs, DDP on CPU).
 
-    Same interface as `update.LocalUpdater`: `update`, `optimizer_state_dict`,
+    Same interface as `local.LocalUpdater`: `update`, `optimizer_state_dict`,
     `load_optimizer_state_dict`, `close`. Wrap it in `contextlib.closing`:
     `close` stops the workers (and a failed worker stops the others).
     """
@@ -284,22 +285,20 @@ def _update(
     # micro-batches as the largest share needs, so their collectives line up.
     share = rows[rank::world]
     micro_batches = math.ceil(math.ceil(rows.numel() / world) / settings.micro_batch_rows)
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    totals = backward_rows(
+    totals, grad_norm = apply_optimizer_step(
         model,
-        batch,
-        share,
-        settings,
-        BatchNorms.of(batch, rows),
-        loss_scale=float(world),  # DDP and FSDP average gradients over ranks; we want the sum
-        min_micro_batches=micro_batches,
+        optimizer,
+        lambda: backward_rows(
+            model,
+            batch,
+            share,
+            settings,
+            BatchNorms.of(batch, rows),
+            loss_scale=float(world),  # DDP and FSDP average gradients over ranks; we want the sum
+            min_micro_batches=micro_batches,
+        ),
+        lambda: accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm),
     )
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    model.eval()
     all_totals: list[dict[str, float] | None] = [None] * world
     torch.distributed.all_gather_object(all_totals, totals)
     summed: dict[str, float] = {}
@@ -307,7 +306,7 @@ def _update(
         for key, value in (part or {}).items():
             summed[key] = summed.get(key, 0.0) + value
     full_state = accelerator.get_state_dict(model)  # a collective: every rank calls it
-    stats = stats | summarize(summed) | {"train/grad_norm": float(grad_norm)}
+    stats = stats | summarize(summed) | {"train/grad_norm": grad_norm}
     if rank != 0:
         return stats, None
     return stats, _detached_copy(full_state)

@@ -1,0 +1,46 @@
+"""dvc.yaml's deps cover what each stage runs: a change anywhere in it reruns the stage."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from tests.import_graph import ROOT, closure, import_graph, module_files
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# Files a stage's flow reads besides params.yaml and its modules.
+READS = {"evaluate": ["metrics/train.json"]}
+
+
+def stage_modules(stage: str) -> set[str]:
+    command = STAGES[stage]["cmd"]
+    match = re.fullmatch(r"python -m (flows\.\w+)", command)
+    assert match, f"stage {stage}: command {command!r} is not `python -m flows.<stage>`"
+    return closure(import_graph(), match.group(1))
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_cover_every_module_its_flow_imports(stage):
+    deps = [str(dep) for dep in STAGES[stage]["deps"]]
+    files = module_files()
+    missing = sorted(
+        str(files[name].relative_to(ROOT))
+        for name in stage_modules(stage)
+        if not covered(str(files[name].relative_to(ROOT)), deps)
+    )
+    missing += [path for path in READS.get(stage, []) if not covered(path, deps)]
+    assert not missing, f"stage {stage} does not depend on: {missing}"
+
+
+def test_the_check_sees_lazy_imports_and_package_inits():
+    """vLLM is imported inside a function; importing a module runs its package's __init__."""
+    train = stage_modules("train")
+    assert "pipeline_lib.rollout.vllm_engine" in train
+    assert {"pipeline_lib", "pipeline_lib.rollout", "tasks", "flows"} <= train
+    assert not covered("pipeline_lib/rewards.py", ["pipeline_lib/evaluation.py"])

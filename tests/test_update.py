@@ -1,0 +1,109 @@
+"""The update core where its risk is: the response-mask offset and micro-batch loss weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline_lib.config import TinyModelParams
+from pipeline_lib.grpo import policy_loss
+from pipeline_lib.policy.tiny import build_tiny_qwen2
+from pipeline_lib.policy.tokenizer import build_char_tokenizer
+from pipeline_lib.rollout.base import Completion
+from pipeline_lib.update.core import (
+    BatchNorms,
+    UpdateSettings,
+    backward_rows,
+    build_update_batch,
+    signal_rows,
+    token_logprobs,
+)
+
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def completion(prompt: list[int], tokens: list[int], logprob: float = -1.0) -> Completion:
+    return Completion(0, prompt, tokens, [logprob] * len(tokens), "", True)
+
+
+def test_response_mask_marks_the_positions_that_predict_response_tokens():
+    """Target position t predicts token t + 1: response tokens sit at prompt_len - 1 ...."""
+    rows = [completion([5, 6, 7], [8, 9], -0.5), completion([5], [10, 11, 12], -0.25)]
+    batch = build_update_batch(rows, torch.tensor([1.0, -1.0]), pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, 0]]
+    assert batch.response_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    # The masked targets are exactly the response tokens, in order.
+    targets = batch.input_ids[:, 1:]
+    assert targets[0][batch.response_mask[0].bool()].tolist() == [8, 9]
+    assert targets[1][batch.response_mask[1].bool()].tolist() == [10, 11, 12]
+    assert batch.sampled_logprobs.tolist() == [[0, 0, -0.5, -0.5], [-0.25, -0.25, -0.25, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_token_logprobs_score_the_next_token():
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1), seed=0).eval()
+    ids = torch.tensor([[4, 5, 6, 7]])
+    with torch.no_grad():
+        got = token_logprobs(model, ids, torch.ones_like(ids))
+        logits = model(input_ids=ids).logits[0]
+    expected = [torch.log_softmax(logits[t], -1)[ids[0, t + 1]].item() for t in range(3)]
+    torch.testing.assert_close(got[0], torch.tensor(expected))
+
+
+@pytest.fixture(scope="module")
+def policy_and_batch():
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1, hidden_size=32), seed=0)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for row in range(7):  # uneven prompt and response lengths
+        prompt = torch.randint(3, 18, (2 + row % 3,), generator=generator).tolist()
+        tokens = torch.randint(3, 18, (1 + (row * 5) % 4,), generator=generator).tolist()
+        rows.append(completion(prompt, tokens))
+    advantages = torch.tensor([1.0, -0.5, 0.0, 2.0, 0.0, -1.5, 0.7])
+    return model, build_update_batch(rows, advantages, tokenizer.pad_token_id)
+
+
+def _gradients(model, batch, settings, micro_batch_rows):
+    model = copy.deepcopy(model).train()
+    settings = UpdateSettings(
+        loss_aggregation=settings.loss_aggregation, micro_batch_rows=micro_batch_rows
+    )
+    rows = signal_rows(batch, settings)
+    totals = backward_rows(model, batch, rows, settings, BatchNorms.of(batch, rows))
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, totals
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_micro_batches_and_skipped_zero_rows_give_the_full_batch_gradient(
+    policy_and_batch, aggregation
+):
+    """Rows split 1, 2 or 3 to a micro-batch, zero-advantage rows left out, and the
+    gradient still equals that of `policy_loss` over the whole batch at once."""
+    model, batch = policy_and_batch
+    settings = UpdateSettings(loss_aggregation=aggregation)
+    reference = copy.deepcopy(model).train()
+    logprobs = token_logprobs(reference, batch.input_ids, batch.attention_mask)
+    loss, _ = policy_loss(
+        logprobs,
+        logprobs.detach(),
+        batch.advantages,
+        batch.response_mask,
+        aggregation=aggregation,
+        seq_sum_norm=float(batch.response_mask.shape[1]),
+    )
+    loss.backward()
+    for micro in (1, 2, 3):
+        grads, totals = _gradients(model, batch, settings, micro)
+        assert totals["train/loss"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-7)
+        for name, parameter in reference.named_parameters():
+            torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_signal_rows_skip_zero_advantages_unless_a_kl_term_needs_every_row(policy_and_batch):
+    _, batch = policy_and_batch
+    assert signal_rows(batch, UpdateSettings()).tolist() == [0, 1, 3, 5, 6]
+    assert signal_rows(batch, UpdateSettings(kl_coef=0.1)).tolist() == list(range(7))
