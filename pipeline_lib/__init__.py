@@ -1,0 +1,1 @@
+"""The pipeline library: pure logic (allocation, GRPO, rewards, status) and adapters."""

@@ -150,7 +150,25 @@ class TrainConfig(Section):
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
-    kl_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the k3 KL to a frozen reference (the start policy), added "
+        "per token. > 0 keeps a second copy of the weights (no optimiser state) in memory.",
+    )
+    ppo_mini_batches: int = Field(
+        1,
+        ge=1,
+        description="Rollout rows split into this many mini-batches, one optimizer step "
+        "each; with more than one step the PPO clip acts on the ratio to the old policy.",
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Passes over the mini-batches per step.")
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="Truncated importance sampling: per-token weight min(pi_trainer / "
+        "pi_engine, cap) on the policy loss, for engine-vs-trainer numerics. null: off.",
+    )
     backend: Literal["vllm", "hf"] = "vllm"
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,

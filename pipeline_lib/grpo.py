@@ -213,6 +213,7 @@ def policy_loss(
     seq_sum_norm: float | None = None,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clip policy loss with sequence-level advantages (GRPO).
 
@@ -237,6 +238,8 @@ def policy_loss(
         seq_sum_norm: the constant for ``seq-mean-token-sum-norm`` (default T).
         ref_logprobs: Tensor[B, T] under the reference policy, or None.
         kl_coef: weight of the KL term (off by default, as in the paper).
+        token_weights: Tensor[B, T] multiplying each token's policy loss before
+            aggregation (truncated importance sampling), or None.
 
     Returns:
         (loss: scalar Tensor, diagnostics) where diagnostics, all floats, are
@@ -263,6 +266,8 @@ def policy_loss(
         negative = (adv < 0).expand_as(token_loss)
         dual_active = negative & (token_loss > cap)
         token_loss = torch.where(negative, torch.minimum(token_loss, cap), token_loss)
+    if token_weights is not None:
+        token_loss = token_loss * token_weights.detach()
 
     pg_loss = aggregate_loss(token_loss, mask, aggregation, seq_sum_norm=seq_sum_norm)
     loss = pg_loss

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that build what the library needs and call it."""

@@ -49,14 +49,26 @@ def prompt_set(path: str, tokenizer, config: PipelineConfig) -> PromptSet:
     return PromptSet(table["id"].tolist(), token_ids, table["answer"].tolist())
 
 
-def open_updater(model: transformers.PreTrainedModel, config: TrainConfig) -> Updater:
+def open_updater(
+    model: transformers.PreTrainedModel, config: TrainConfig, reference_dir: str | None = None
+) -> Updater:
     """In this process for `update_processes: 1`, else a worker group (FSDP on GPUs).
 
-    The group is imported only when asked for: it starts processes and needs accelerate.
+    With `kl_coef` > 0 the policy in `reference_dir` (the start policy) is loaded,
+    frozen, as the KL reference. The group is imported only when asked for: it
+    starts processes and needs accelerate.
     """
     settings = UpdateSettings.from_train_config(config)
+    reference = None
+    if config.kl_coef > 0:
+        if reference_dir is None:
+            raise ValueError("train.kl_coef > 0 needs the reference (start) policy")
+        reference, _ = load_policy(reference_dir, dtype=model.dtype)
+        reference.to(model.device).eval().requires_grad_(False)
     if config.update_processes == 1:
-        return LocalUpdater(model, learning_rate=config.learning_rate, settings=settings)
+        return LocalUpdater(
+            model, learning_rate=config.learning_rate, settings=settings, reference=reference
+        )
     from pipeline_lib.update.distributed import AccelerateUpdateGroup
 
     return AccelerateUpdateGroup(
@@ -64,6 +76,7 @@ def open_updater(model: transformers.PreTrainedModel, config: TrainConfig) -> Up
         num_processes=config.update_processes,
         learning_rate=config.learning_rate,
         settings=settings,
+        reference=reference,
     )
 
 
@@ -119,7 +132,7 @@ def train_strategy(
     with (
         _strategy_run(config, stage_tracker, strategy, key, state.step > 0) as tracker,
         # Opened after the restore: a worker group copies the model's weights when it starts.
-        contextlib.closing(open_updater(model, config.train)) as updater,
+        contextlib.closing(open_updater(model, config.train, start_policy)) as updater,
     ):
         tracker.log_params({"strategy": strategy})
         result = train_policy(run, state, engine, updater, tracker, checkpointer)

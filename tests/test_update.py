@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,9 +18,12 @@ from pipeline_lib.update.core import (
     UpdateSettings,
     backward_rows,
     build_update_batch,
+    mini_batches,
     signal_rows,
+    tis_weights,
     token_logprobs,
 )
+from pipeline_lib.update.local import LocalUpdater, grpo_update
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -73,7 +77,7 @@ def _gradients(model, batch, settings, micro_batch_rows):
         loss_aggregation=settings.loss_aggregation, micro_batch_rows=micro_batch_rows
     )
     rows = signal_rows(batch, settings)
-    totals = backward_rows(model, batch, rows, settings, BatchNorms.of(batch, rows))
+    totals = backward_rows(model, batch, rows, settings, BatchNorms.of(batch, rows, settings))
     return {n: p.grad.clone() for n, p in model.named_parameters()}, totals
 
 
@@ -93,7 +97,7 @@ def test_micro_batches_and_skipped_zero_rows_give_the_full_batch_gradient(
         batch.advantages,
         batch.response_mask,
         aggregation=aggregation,
-        seq_sum_norm=float(batch.response_mask.shape[1]),
+        seq_sum_norm=float(settings.max_new_tokens),  # a constant, not the padded width
     )
     loss.backward()
     for micro in (1, 2, 3):
@@ -107,3 +111,92 @@ def test_signal_rows_skip_zero_advantages_unless_a_kl_term_needs_every_row(polic
     _, batch = policy_and_batch
     assert signal_rows(batch, UpdateSettings()).tolist() == [0, 1, 3, 5, 6]
     assert signal_rows(batch, UpdateSettings(kl_coef=0.1)).tolist() == list(range(7))
+
+
+def test_seq_sum_norm_is_max_new_tokens_whatever_the_padded_width(policy_and_batch):
+    _, batch = policy_and_batch
+    settings = UpdateSettings(max_new_tokens=16)
+    rows = signal_rows(batch, settings)
+    assert batch.response_mask.shape[1] != 16
+    assert BatchNorms.of(batch, rows, settings).seq_norm == 16.0
+
+
+def _update(model, batch, lr=0.5, reference=None, **settings):
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    stats = grpo_update(model, optimizer, batch, UpdateSettings(**settings), reference)
+    return model, stats
+
+
+def _weights_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_one_mini_batch_and_epoch_is_the_plain_update_and_hides_constant_diagnostics(
+    policy_and_batch,
+):
+    model, batch = policy_and_batch
+    plain, stats = _update(model, batch)
+    explicit, _ = _update(model, batch, ppo_mini_batches=1, ppo_epochs=1)
+    assert _weights_equal(plain, explicit)
+    assert stats["train/optimizer_steps"] == 1
+    assert "train/ratio_mean" not in stats and "train/pg_clipfrac" not in stats
+
+
+def test_clipping_acts_on_the_second_mini_batch_after_a_large_step(policy_and_batch):
+    """Two steps over the same rows: the second sees ratios far from 1, and the clip
+    range changes its gradient (with an unbounded range the weights differ)."""
+    model, batch = policy_and_batch
+    clipped, stats = _update(model, batch, lr=2.0, ppo_epochs=2)
+    unclipped, loose = _update(model, batch, lr=2.0, ppo_epochs=2, clip_low=0.99, clip_high=1e9)
+    assert stats["train/optimizer_steps"] == 2
+    assert stats["train/pg_clipfrac"] > 0 and loose["train/pg_clipfrac"] == 0
+    assert stats["train/ppo_kl"] != 0
+    assert not _weights_equal(clipped, unclipped)
+    one_step, _ = _update(model, batch, lr=2.0)
+    one_loose, _ = _update(model, batch, lr=2.0, clip_low=0.99, clip_high=1e9)
+    assert _weights_equal(one_step, one_loose)  # one step: the clip cannot act
+
+
+def test_mini_batches_split_the_rows_into_steps(policy_and_batch):
+    _, batch = policy_and_batch
+    settings = UpdateSettings(ppo_mini_batches=3, ppo_epochs=2)
+    parts = mini_batches(batch, settings)
+    assert [p.tolist() for p in parts[:3]] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [p.tolist() for p in parts[3:]] == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_truncated_importance_weights_act_per_token_and_vanish_on_policy(policy_and_batch):
+    model, batch = policy_and_batch
+    with torch.no_grad():
+        exact = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    on_policy = dataclasses.replace(batch, sampled_logprobs=exact)
+    off_policy = dataclasses.replace(batch, sampled_logprobs=exact + 0.7)  # engine more sure
+    plain, _ = _update(model, on_policy)
+    same, _ = _update(model, on_policy, tis_cap=2.0)
+    weighted, _ = _update(model, off_policy, tis_cap=2.0)
+    for a, b in zip(plain.parameters(), same.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not _weights_equal(plain, weighted)
+    weights = tis_weights(exact, exact - 3.0, cap=2.0)
+    assert weights.max() == 2.0  # the cap bounds pi_trainer / pi_engine = e^3
+
+
+def test_kl_term_pulls_the_policy_back_to_the_reference(policy_and_batch):
+    """Zero advantages: the only gradient is the KL to the reference, which shrinks."""
+    model, batch = policy_and_batch
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    drifted = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in drifted.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    no_signal = dataclasses.replace(batch, advantages=torch.zeros(batch.rows))
+    kls = []
+    for _ in range(3):
+        drifted, stats = _update(drifted, no_signal, lr=0.05, reference=reference, kl_coef=1.0)
+        kls.append(stats["train/kl_ref"])
+    assert stats["train/rows_with_signal"] == batch.rows  # the KL needs every row
+    assert kls[0] > kls[1] > kls[2] > 0
+    with pytest.raises(ValueError, match="reference"):
+        LocalUpdater(model, learning_rate=1e-3, settings=UpdateSettings(kl_coef=0.1))

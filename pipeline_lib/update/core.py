@@ -8,6 +8,7 @@ B = completions in the update, L = longest prompt + response.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +37,14 @@ class UpdateSettings:
     kl_coef: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_rows: int = 1024
+    ppo_mini_batches: int = 1
+    ppo_epochs: int = 1
+    tis_cap: float | None = None
+    max_new_tokens: int = 8  # the constant of seq-mean-token-sum-norm (Dr. GRPO, verl)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.ppo_mini_batches * self.ppo_epochs
 
     @classmethod
     def from_train_config(cls, config: TrainConfig) -> UpdateSettings:
@@ -51,6 +60,10 @@ class UpdateBatch:
     response_mask: FloatTensor[B, L-1], 1 where target token t+1 is a response token.
     sampled_logprobs: FloatTensor[B, L-1], the engine's logprob of each response token.
     advantages: FloatTensor[B].
+    old_logprobs: FloatTensor[B, L-1] under the policy that generated the rollouts, as
+        the trainer computes it (`score_rows`, before the first optimizer step); None
+        when one optimizer step makes the current policy the old one.
+    ref_logprobs: FloatTensor[B, L-1] under the frozen reference policy (KL term), or None.
     """
 
     input_ids: torch.Tensor
@@ -58,6 +71,12 @@ class UpdateBatch:
     response_mask: torch.Tensor
     sampled_logprobs: torch.Tensor
     advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 def build_update_batch(
@@ -107,26 +126,62 @@ def signal_rows(batch: UpdateBatch, settings: UpdateSettings) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BatchNorms:
-    """Whole-batch counts that scale each micro-batch's loss.
+    """Counts over one optimizer step's rows that scale each micro-batch's loss.
 
     A micro-batch (or a data-parallel rank's share of the rows) weighs its loss by
-    its part of the full batch, so the parts' gradients add up to the full
-    batch's: exact for every aggregation mode.
+    its part of the step's rows (the whole batch, or one PPO mini-batch), so the
+    parts' gradients add up to the step's: exact for every aggregation mode.
     """
 
-    tokens: float  # response tokens in the whole batch
-    rows: float  # completions in the whole batch
+    tokens: float  # response tokens in the step's rows
+    rows: float  # completions in the step's rows
     kept_tokens: float  # response tokens in the rows the update sees
-    seq_norm: float  # padded length, the seq-sum-norm constant
+    seq_norm: float  # the seq-mean-token-sum-norm constant (max_new_tokens)
 
     @classmethod
-    def of(cls, batch: UpdateBatch, rows: torch.Tensor) -> BatchNorms:
+    def of(
+        cls,
+        batch: UpdateBatch,
+        rows: torch.Tensor,
+        settings: UpdateSettings,
+        members: torch.Tensor | None = None,
+    ) -> BatchNorms:
+        """Norms of the step over `members` (default: every row) whose `rows` carry signal."""
+        mask = batch.response_mask if members is None else batch.response_mask[members]
         return cls(
-            tokens=float(batch.response_mask.sum()),
-            rows=float(batch.response_mask.shape[0]),
+            tokens=float(mask.sum()),
+            rows=float(mask.shape[0]),
             kept_tokens=float(batch.response_mask[rows].sum()),
-            seq_norm=float(batch.response_mask.shape[1]),
+            seq_norm=float(settings.max_new_tokens),
         )
+
+
+def mini_batches(batch: UpdateBatch, settings: UpdateSettings) -> list[torch.Tensor]:
+    """Row indices of each optimizer step, in order: `ppo_epochs` passes over the batch
+    split into `ppo_mini_batches` contiguous parts (verl's ppo_mini_batch, unshuffled)."""
+    parts = torch.tensor_split(torch.arange(batch.rows), settings.ppo_mini_batches)
+    return [part for _ in range(settings.ppo_epochs) for part in parts if part.numel()]
+
+
+def score_rows(
+    model: torch.nn.Module,
+    batch: UpdateBatch,
+    rows: torch.Tensor,
+    micro_batch_rows: int,
+) -> torch.Tensor:
+    """Next-token logprobs FloatTensor[B, L-1] of `rows` under `model`, no gradient
+    (zeros elsewhere): the old policy's before the first step, or the reference's."""
+    device = next(model.parameters()).device
+    scores = torch.zeros(batch.response_mask.shape)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for chunk in torch.split(rows, micro_batch_rows):
+            scores[chunk] = token_logprobs(
+                model, batch.input_ids[chunk].to(device), batch.attention_mask[chunk].to(device)
+            ).cpu()
+    model.train(was_training)
+    return scores
 
 
 def backward_rows(
@@ -175,17 +230,24 @@ def _backward_chunk(
     logprobs = token_logprobs(
         model, batch.input_ids[chunk].to(device), batch.attention_mask[chunk].to(device)
     )
-    # One update per rollout batch: the behaviour policy is the current one, so the
-    # importance ratio is exactly 1 and the clip only guards later epochs.
+    # With one optimizer step the policy being trained is still the one that made the
+    # rollouts: its detached logprobs are the old ones exactly (the ratio is 1).
+    old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[chunk]
+    old = old.to(device)
+    ref = None if batch.ref_logprobs is None else batch.ref_logprobs[chunk].to(device)
+    sampled = batch.sampled_logprobs[chunk].to(device)
     loss, info = policy_loss(
         logprobs,
-        logprobs.detach(),
+        old,
         batch.advantages[chunk].to(device),
         mask,
         clip_low=settings.clip_low,
         clip_high=settings.clip_high,
         aggregation=settings.loss_aggregation,
         seq_sum_norm=norms.seq_norm,
+        ref_logprobs=ref,
+        kl_coef=settings.kl_coef,
+        token_weights=tis_weights(old, sampled, settings.tis_cap),
     )
     # Rescale the chunk's aggregate to its share of the full batch.
     if settings.loss_aggregation == "token-mean":
@@ -198,13 +260,27 @@ def _backward_chunk(
     if totals is None:  # a zero-weight padding pass: no diagnostics
         return
     _add(totals, "train/loss", float(loss.detach()) * weight)
-    mismatch = (batch.sampled_logprobs[chunk].to(device) - logprobs.detach()) * mask
+    mismatch = (sampled - old) * mask
     _add(totals, "rollout/logprob_abs_diff_sum", float(mismatch.abs().sum()))
     _add(totals, "_tokens", float(mask.sum()))
     # Diagnostics (ratio, clip fraction, KL) average over the rows actually used.
     share = float(mask.sum()) / max(norms.kept_tokens, 1.0)
     for key, value in info.items():
         _add(totals, f"train/{key}", float(value) * share)
+
+
+def tis_weights(
+    trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float | None
+) -> torch.Tensor | None:
+    """Truncated importance weights min(pi_trainer / pi_engine, cap) per token [B, T].
+
+    Corrects for the rollout engine's numerics differing from the trainer's (bf16
+    kernels, another attention implementation); applied per token before the loss is
+    aggregated, so it acts (verl's cap, applied after aggregation, does not).
+    """
+    if cap is None:
+        return None
+    return torch.exp(trainer_logprobs - engine_logprobs).clamp(max=cap).detach()
 
 
 def _add(totals: dict[str, float], key: str, value: float) -> None:
@@ -220,6 +296,63 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
         tokens, 1.0
     )
     return totals
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, float], float]]
+"""One optimizer step over (members, rows): the step's rows and those with signal."""
+
+# Diagnostics that are constant by construction with a single optimizer step (the
+# ratio is exactly 1): not reported then, so no chart shows a flat line as a finding.
+ON_POLICY_CONSTANTS = (
+    "train/pg_clipfrac",
+    "train/pg_clipfrac_lower",
+    "train/ppo_kl",
+    "train/ratio_mean",
+)
+
+
+def run_ppo_steps(batch: UpdateBatch, settings: UpdateSettings, step: StepFn) -> dict[str, float]:
+    """The optimizer steps of one update: each of `mini_batches` through `step`.
+
+    Returns the steps' diagnostics averaged (the engine-vs-trainer logprob check from
+    the first step, taken before any weight changed) and `train/optimizer_steps`.
+    """
+    signal = torch.zeros(batch.rows, dtype=torch.bool)
+    signal[signal_rows(batch, settings)] = True
+    per_step = []
+    for members in mini_batches(batch, settings):
+        rows = members[signal[members]]
+        if rows.numel() == 0:  # no row of this mini-batch carries a gradient
+            continue
+        totals, grad_norm = step(members, rows)
+        per_step.append(summarize(totals) | {"train/grad_norm": grad_norm})
+    if not per_step:
+        return {"train/optimizer_steps": 0.0}
+    stats = {key: sum(s[key] for s in per_step) / len(per_step) for key in per_step[0]}
+    stats["rollout/logprob_abs_diff"] = per_step[0]["rollout/logprob_abs_diff"]
+    if settings.optimizer_steps == 1 and settings.tis_cap is None:
+        stats = {k: v for k, v in stats.items() if k not in ON_POLICY_CONSTANTS}
+    return stats | {"train/optimizer_steps": float(len(per_step))}
+
+
+def with_old_and_ref_logprobs(
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    batch: UpdateBatch,
+    settings: UpdateSettings,
+) -> UpdateBatch:
+    """The batch with the logprobs the steps need computed once, before the first step.
+
+    Old logprobs only when more than one optimizer step (or the TIS correction) needs
+    them; reference logprobs only with a KL term. Both cover the rows with signal.
+    """
+    rows = signal_rows(batch, settings)
+    old = ref = None
+    if settings.optimizer_steps > 1 or settings.tis_cap is not None:
+        old = score_rows(model, batch, rows, settings.micro_batch_rows)
+    if reference is not None and settings.kl_coef > 0:
+        ref = score_rows(reference, batch, rows, settings.micro_batch_rows)
+    return dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref)
 
 
 def apply_optimizer_step(

@@ -36,8 +36,9 @@ from pipeline_lib.update.core import (
     UpdateSettings,
     apply_optimizer_step,
     backward_rows,
+    run_ppo_steps,
     signal_rows,
-    summarize,
+    with_old_and_ref_logprobs,
 )
 
 _POLL_SECONDS = 1.0
@@ -63,12 +64,17 @@ class AccelerateUpdateGroup:
         num_processes: int,
         learning_rate: float,
         settings: UpdateSettings,
+        reference: torch.nn.Module | None = None,
         startup_timeout_s: float = 600.0,
     ) -> None:
         """Start the workers from `model`'s current weights (the loop's copy, updated in place).
 
-        Raises ValueError when there are fewer GPUs than processes on a GPU machine.
+        `reference` is the frozen policy of the KL term (needed when `settings.kl_coef`
+        > 0): every rank holds a whole, unsharded copy of it. Raises ValueError when
+        there are fewer GPUs than processes on a GPU machine.
         """
+        if settings.kl_coef > 0 and reference is None:
+            raise ValueError("kl_coef > 0 needs a reference policy")
         if num_processes < 1:
             raise ValueError(f"num_processes must be at least 1, got {num_processes}")
         gpus = torch.cuda.device_count()
@@ -83,6 +89,11 @@ class AccelerateUpdateGroup:
         self._commands = [context.Queue() for _ in range(num_processes)]
         self._results: Any = context.Queue()
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        reference_state = (
+            None
+            if reference is None
+            else {name: tensor.detach().cpu() for name, tensor in reference.state_dict().items()}
+        )
         port = _free_port()
         threads = max(1, torch.get_num_threads() // num_processes)
         self._workers = [
@@ -95,6 +106,7 @@ class AccelerateUpdateGroup:
                     model.config,
                     model.dtype,
                     state,
+                    reference_state,
                     learning_rate,
                     settings,
                     threads,
@@ -203,6 +215,7 @@ def _worker_main(
     config: transformers.PretrainedConfig,
     dtype: torch.dtype,
     state: dict[str, torch.Tensor],
+    reference_state: dict[str, torch.Tensor] | None,
     learning_rate: float,
     settings: UpdateSettings,
     threads: int,
@@ -229,13 +242,18 @@ def _worker_main(
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
         model, optimizer = accelerator.prepare(model, optimizer)
         model.eval()
+        reference = None
+        if reference_state is not None:
+            reference = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            reference.load_state_dict(reference_state)
+            reference.to(accelerator.device).eval().requires_grad_(False)
         results.put((rank, True, accelerator.distributed_type.value))
         while True:
             command, payload = commands.get()
             if command == "stop":
                 break
             if command == "update":
-                reply: Any = _update(accelerator, model, optimizer, payload, settings)
+                reply: Any = _update(accelerator, model, optimizer, payload, settings, reference)
             elif command == "optimizer_state":
                 reply = _optimizer_state(model, optimizer, rank)
             elif command == "load_optimizer_state":
@@ -274,42 +292,51 @@ def _update(
     optimizer: Any,
     batch: UpdateBatch,
     settings: UpdateSettings,
+    reference: torch.nn.Module | None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """This rank's part of one update: (stats, full weights) on rank 0, (stats, None) elsewhere."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    rows = signal_rows(batch, settings)
-    stats = {"train/rows_with_signal": float(rows.numel()), "train/loss": 0.0}
-    if rows.numel() == 0:  # every rank sees the same batch, so all return here
-        return stats | {"train/grad_norm": 0.0}, None
-    # Rows r, r + N, ...: ranks get near-equal shares; every rank runs as many
-    # micro-batches as the largest share needs, so their collectives line up.
-    share = rows[rank::world]
-    micro_batches = math.ceil(math.ceil(rows.numel() / world) / settings.micro_batch_rows)
-    totals, grad_norm = apply_optimizer_step(
-        model,
-        optimizer,
-        lambda: backward_rows(
+    stats = {"train/rows_with_signal": float(signal_rows(batch, settings).numel())}
+    if stats["train/rows_with_signal"] == 0:  # every rank sees the same batch: all return
+        return stats | {"train/loss": 0.0, "train/grad_norm": 0.0}, None
+    # Every rank scores every row with signal (the same forward passes on each, so a
+    # sharded model's collectives line up); old logprobs only for several steps.
+    batch = with_old_and_ref_logprobs(model, reference, batch, settings)
+
+    def step(members: torch.Tensor, rows: torch.Tensor) -> tuple[dict[str, float], float]:
+        # Rows r, r + N, ...: ranks get near-equal shares; every rank runs as many
+        # micro-batches as the largest share needs, so their collectives line up.
+        micro_batches = math.ceil(math.ceil(rows.numel() / world) / settings.micro_batch_rows)
+        totals, grad_norm = apply_optimizer_step(
             model,
-            batch,
-            share,
-            settings,
-            BatchNorms.of(batch, rows),
-            loss_scale=float(world),  # DDP and FSDP average gradients over ranks; we want the sum
-            min_micro_batches=micro_batches,
-        ),
-        lambda: accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm),
-    )
-    all_totals: list[dict[str, float] | None] = [None] * world
-    torch.distributed.all_gather_object(all_totals, totals)
+            optimizer,
+            lambda: backward_rows(
+                model,
+                batch,
+                rows[rank::world],
+                settings,
+                BatchNorms.of(batch, rows, settings, members),
+                loss_scale=float(world),  # DDP and FSDP average gradients; we want the sum
+                min_micro_batches=micro_batches,
+            ),
+            lambda: accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm),
+        )
+        return _sum_over_ranks(totals, world), grad_norm
+
+    stats |= run_ppo_steps(batch, settings, step)
+    full_state = accelerator.get_state_dict(model)  # a collective: every rank calls it
+    return stats, (_detached_copy(full_state) if rank == 0 else None)
+
+
+def _sum_over_ranks(totals: dict[str, float], world: int) -> dict[str, float]:
+    """Every rank's diagnostic sums added up (a collective: every rank calls it)."""
+    parts: list[dict[str, float] | None] = [None] * world
+    torch.distributed.all_gather_object(parts, totals)
     summed: dict[str, float] = {}
-    for part in all_totals:
+    for part in parts:
         for key, value in (part or {}).items():
             summed[key] = summed.get(key, 0.0) + value
-    full_state = accelerator.get_state_dict(model)  # a collective: every rank calls it
-    stats = stats | summarize(summed) | {"train/grad_norm": grad_norm}
-    if rank != 0:
-        return stats, None
-    return stats, _detached_copy(full_state)
+    return summed
 
 
 def _optimizer_state(model: torch.nn.Module, optimizer: Any, rank: int) -> dict[str, Any] | None:
