@@ -621,7 +621,7 @@ def estimated_rollouts(
     """
     p = np.asarray(success_rates, dtype=np.float64)
     if cost_estimate == "expectation":
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore"):
             return 1.0 / (p * (1.0 - p)) - 1.0
     if cost_estimate != "confidence":
         raise ValueError(
