@@ -407,80 +407,142 @@ def _optimum_from_zero(p: np.ndarray, budget: int, capacity: int) -> np.ndarray:
         shrink = equal_gain(rows, counts[rows] - 1, slope[j])
         if shrink.size:  # complete j with a taken single increment of the same gain
             counts[j], counts[shrink[0]] = 2, counts[shrink[0]] - 1
-    if np.any(counts == 1):
-        return _pruned_dp(p, budget, capacity, counts, float(slope[counts == 1].max()))
-    return counts
+    ones = counts == 1
+    if not ones.any():
+        return counts
+    price = float(slope[ones].max())
+    reference = np.where(ones, 0, counts)  # zero loss at this price (see `_pruned_dp`)
+    if price <= 0.0:
+        return reference  # the singleton's unit has no value anywhere (gains underflow)
+    return _pruned_dp(p, budget, capacity, reference, price)
 
 
 def _pruned_dp(
-    p: np.ndarray, budget: int, capacity: int, feasible: np.ndarray, price: float
+    p: np.ndarray, budget: int, capacity: int, reference: np.ndarray, price: float
 ) -> np.ndarray:
     """Exact argmax of sum_i V(n_i, p_i), n_i in [0, capacity], sum n_i <= budget, by a small DP.
 
-    For any price lambda >= 0 and any allocation x with sum x_i <= budget,
+    For a price lambda > 0 and any allocation x with sum x_i <= budget,
 
         sum_i V(x_i) = sum_i best_i + lambda * budget - L(x),
         L(x) = sum_i s_i(x_i) + lambda * (budget - sum_i x_i),
         s_i(n) = best_i - (V(n, p_i) - lambda n) >= 0,  best_i = max_n V(n, p_i) - lambda n,
 
-    so maximising value is minimising the loss L, whose terms are all >= 0. An
-    optimum x* has L(x*) <= L(feasible), hence s_i(x*_i) <= L(feasible) for every
-    i: items with one such n are fixed, and a DP over the sum of the others (few
-    near a good price) minimises L exactly. Correct for any price; a price near
-    the greedy threshold keeps the DP small.
+    so maximising value is minimising L, whose terms are all >= 0. `reference` has
+    s_i(r_i) = 0 for every i (the envelope greedy at its threshold lambda, the
+    singleton set to 0; where rounding says otherwise, the argmin of s_i is used).
+
+    1. Bound: L(x*) <= U, the loss of a feasible point (waste the spare units, or
+       put one on the best single increment, or complete a pair at the cost of the
+       cheapest taken single). So x*_i lies in C_i = {n : s_i(n) <= U}; items with
+       C_i = {r_i} are fixed.
+    2. Window: let m_i = x_i - r_i, each in [-R, R] over the C_i, summing to
+       D = sum x - sum r, |D| <= |budget - sum r| + U / lambda. If an optimum has
+       more than 2R + |D| non-zero moves, reordering them so partial sums stay in
+       [min(0, D) - R, max(0, D) + R] (Steinitz) repeats a partial sum, and undoing
+       that zero-sum block keeps the total and does not raise L (s_i(r_i) = 0).
+       So some optimum has at most 2R + |D| moves, and in any order its partial
+       sums lie within W = (2R + |D|) R of 0: a DP over items whose state is the
+       partial sum of moves, restricted to [-W, W], finds it. Prompts with equal
+       rate and reference are interchangeable, so 2R + |D| of each kind suffice.
     """
     n = np.arange(capacity + 1)
     chunk = max(1, (1 << 20) // (capacity + 1))
+    blocks = [np.arange(lo, min(lo + chunk, p.size)) for lo in range(0, p.size, chunk)]
 
     def losses(rows: np.ndarray) -> np.ndarray:
-        net = rollout_value(n[None, :], p[rows, None]) - price * n
+        """s_i(n) for n = 0..capacity, float[rows, capacity + 1]; powers as running products."""
+        p_rows = p[rows, None]
+        powers_p = np.cumprod(np.broadcast_to(p_rows, (rows.size, capacity + 1)), axis=1)
+        powers_q = np.cumprod(np.broadcast_to(1.0 - p_rows, (rows.size, capacity + 1)), axis=1)
+        value = (1.0 - powers_p / p_rows - powers_q / (1.0 - p_rows)) * p_rows * (1.0 - p_rows) ** 2
+        value[:, 0] = 0.0
+        net = value - price * n
         return net.max(axis=1, keepdims=True) - net
 
-    bound = 0.0
-    peak = price * capacity
-    for lo in range(0, p.size, chunk):
-        rows = np.arange(lo, min(lo + chunk, p.size))
-        bound += float(losses(rows)[np.arange(rows.size), feasible[rows]].sum())
-        peak = max(peak, float(rollout_value(n[-1], p[rows]).max()))
-    bound += price * (budget - int(feasible.sum()))
+    def loss_at(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        net = rollout_value(counts, p[rows]) - price * counts
+        return best[rows] - net
+
+    best, at_reference, lowest = np.empty(p.size), np.empty(p.size), np.empty(p.size, np.int64)
+    for rows in blocks:
+        s = losses(rows)
+        best[rows] = s[:, 0]  # s_i(0) = best_i - V(0) = best_i
+        at_reference[rows] = s[np.arange(rows.size), reference[rows]]
+        lowest[rows] = np.argmin(s, axis=1)
+    peak = max(price * capacity, float(np.abs(best).max()))
+    reference = np.where(at_reference > 1e-12 * peak, lowest, reference)
+    spare = budget - int(reference.sum())
+    bound = price * spare  # waste the spare units
+    if spare >= 1:
+        rows = np.flatnonzero((reference >= 2) & (reference < capacity))
+        if rows.size:  # one unit on the best single increment
+            grown = float(loss_at(rows, reference[rows] + 1).min())
+            bound = min(bound, grown + price * (spare - 1))
+        takers, givers = np.flatnonzero(reference == 0), np.flatnonzero(reference >= 3)
+        if takers.size and givers.size:  # a new pair, paid by the cheapest taken single
+            cost = float(loss_at(takers, np.full(takers.size, 2)).min())
+            cost += float(loss_at(givers, reference[givers] - 1).min())
+            bound = min(bound, cost + price * (spare - 1))
     bound = bound * (1 + 1e-9) + 1e-12 * peak  # rounding must not drop x*'s choices
 
-    fixed = feasible.copy()
-    options: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, rollouts, losses)
-    for lo in range(0, p.size, chunk):
-        rows = np.arange(lo, min(lo + chunk, p.size))
+    def candidates(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """C_i as a mask over n = 0..capacity, and the losses."""
         s = losses(rows)
         keep = s <= bound
-        for r in np.flatnonzero(keep.sum(axis=1) > 1):
-            options.append((int(rows[r]), n[keep[r]], s[r, keep[r]]))
-        single = keep.sum(axis=1) == 1
-        fixed[rows[single]] = np.argmax(keep[single], axis=1)
-    free = np.array([row for row, _, _ in options], dtype=np.int64)
-    fixed_total = int(fixed.sum()) - int(fixed[free].sum())
-    floor = sum(int(r.min()) for _, r, _ in options)
-    width = min(sum(int(r.max() - r.min()) for _, r, _ in options), budget - fixed_total - floor)
-    best = np.full(width + 1, np.inf)
-    best[0] = 0.0
-    picks = np.zeros((len(options), width + 1), dtype=np.int64)
-    for t, (_, rollouts, loss) in enumerate(options):
-        new = np.full(width + 1, np.inf)
-        low = int(rollouts.min())
-        for r, s in zip(rollouts, loss, strict=True):
-            o = int(r) - low
-            if o > width:
-                continue
-            candidate = best[: width + 1 - o] + s
-            better = candidate < new[o:]
-            new[o:][better] = candidate[better]
-            picks[t, o:][better] = r
-        best = new
-    spent = fixed_total + floor + np.arange(width + 1)
-    d = int(np.argmin(best + price * (budget - spent)))
+        keep[np.arange(rows.size), reference[rows]] = True
+        return keep, s
+
+    free, reach = [], 0  # prompts with more than one candidate, the largest move
+    for rows in blocks:
+        keep, _ = candidates(rows)
+        several = keep.sum(axis=1) > 1
+        free.append(rows[several])
+        moves = np.where(keep[several], np.abs(n - reference[rows[several], None]), 0)
+        reach = max(reach, int(moves.max(initial=0)))
+    free_rows = np.concatenate(free)
+    drift = max(abs(spare), abs(spare - int(bound / price)))
+    movers = 2 * reach + drift
+    width = movers * reach
+    # Prompts with the same rate and reference are interchangeable, and an optimum
+    # moves at most `movers` prompts: keep that many of each kind (lowest index first).
+    _, kind = np.unique(
+        np.stack([p[free_rows], reference[free_rows].astype(np.float64)]),
+        axis=1,
+        return_inverse=True,
+    )
+    order = np.argsort(kind, kind="stable")
+    starts = np.searchsorted(kind[order], kind[order])
+    rank = np.empty(free_rows.size, dtype=np.int64)
+    rank[order] = np.arange(free_rows.size) - starts
+    free_rows = free_rows[rank < movers]
+    keep, s = candidates(free_rows)
+    options = [
+        (int(row), n[keep[t]] - reference[row], s[t, keep[t]]) for t, row in enumerate(free_rows)
+    ]
+    costs = np.full(2 * width + 1, np.inf)
+    costs[width] = 0.0
+    picks = np.zeros((len(options), 2 * width + 1), dtype=np.int32)
+    for t, (_, moves, loss) in enumerate(options):
+        new = np.full(2 * width + 1, np.inf)
+        for m, s in zip(moves, loss, strict=True):
+            m = int(m)
+            src = costs[max(0, -m) : 2 * width + 1 - max(0, m)] + s
+            dst = new[max(0, m) : 2 * width + 1 - max(0, -m)]
+            better = src < dst
+            dst[better] = src[better]
+            picks[t, max(0, m) : 2 * width + 1 - max(0, -m)][better] = m
+        costs = new
+    total = np.arange(-width, width + 1)
+    final = np.where(total <= spare, costs + price * (spare - total), np.inf)
+    d = int(np.argmin(final)) - width
+    allocation = reference.copy()
     for t in range(len(options) - 1, -1, -1):
-        row, rollouts, _ = options[t]
-        fixed[row] = picks[t, d]
-        d -= int(picks[t, d]) - int(rollouts.min())
-    return fixed
+        row = options[t][0]
+        m = int(picks[t, d + width])
+        allocation[row] += m
+        d -= m
+    return allocation
 
 
 def _validate(success_rates: np.ndarray, min_rollouts: int, max_rollouts: int) -> None:

@@ -165,6 +165,17 @@ def test_large_problem_runs_and_respects_constraints():
     assert n.sum() == 8 * p.size and n.min() >= 2 and n.max() <= 256
 
 
+@pytest.mark.parametrize("copies", [20, 300])
+def test_min_rollouts_zero_with_many_interchangeable_prompts_and_an_odd_unit(copies):
+    # Every p = 0.5 prompt fills its first three rollouts before any p = 0.25 one
+    # starts; the odd unit then needs the DP, which keeps a few prompts of each kind.
+    p = np.r_[np.full(copies, 0.5), np.full(copies, 0.25)]
+    n = knapsack_allocate(p, 3 * copies + 1, 0, 8)
+    assert n.sum() == 3 * copies + 1
+    best = dp_optimum(p, 3 * copies + 1, 0, 8)
+    assert value_of(n, p) == pytest.approx(best, rel=1e-12, abs=1e-15)
+
+
 def test_large_problem_from_zero_rollouts_beats_the_floor_of_two():
     # Repeated rates and an odd budget: many ties at the threshold.
     p = np.random.default_rng(1).integers(0, 9, 20_000) / 8
