@@ -414,11 +414,16 @@ def _optimum_from_zero(p: np.ndarray, budget: int, capacity: int) -> np.ndarray:
     reference = np.where(ones, 0, counts)  # zero loss at this price (see `_pruned_dp`)
     if price <= 0.0:
         return reference  # the singleton's unit has no value anywhere (gains underflow)
-    return _pruned_dp(p, budget, capacity, reference, price)
+    return _pruned_dp(p, budget, capacity, counts, reference, price)
 
 
 def _pruned_dp(
-    p: np.ndarray, budget: int, capacity: int, reference: np.ndarray, price: float
+    p: np.ndarray,
+    budget: int,
+    capacity: int,
+    feasible: np.ndarray,
+    reference: np.ndarray,
+    price: float,
 ) -> np.ndarray:
     """Exact argmax of sum_i V(n_i, p_i), n_i in [0, capacity], sum n_i <= budget, by a small DP.
 
@@ -432,10 +437,11 @@ def _pruned_dp(
     s_i(r_i) = 0 for every i (the envelope greedy at its threshold lambda, the
     singleton set to 0; where rounding says otherwise, the argmin of s_i is used).
 
-    1. Bound: L(x*) <= U, the loss of a feasible point (waste the spare units, or
-       put one on the best single increment, or complete a pair at the cost of the
-       cheapest taken single). So x*_i lies in C_i = {n : s_i(n) <= U}; items with
-       C_i = {r_i} are fixed.
+    1. Bound: L(x*) <= U, the least loss of a few feasible points (`feasible`, the
+       greedy with its singleton; the reference wasting its spare units; one spare
+       unit on the best single increment; a new pair paid by the cheapest taken
+       single). So x*_i lies in C_i = {n : s_i(n) <= U}; items with C_i = {r_i}
+       are fixed.
     2. Window: let m_i = x_i - r_i, each in [-R, R] over the C_i, summing to
        D = sum x - sum r, |D| <= |budget - sum r| + U / lambda. If an optimum has
        more than 2R + |D| non-zero moves, reordering them so partial sums stay in
@@ -465,25 +471,30 @@ def _pruned_dp(
         return best[rows] - net
 
     best, at_reference, lowest = np.empty(p.size), np.empty(p.size), np.empty(p.size, np.int64)
+    bound = price * (budget - int(feasible.sum()))  # L(feasible)
     for rows in blocks:
         s = losses(rows)
         best[rows] = s[:, 0]  # s_i(0) = best_i - V(0) = best_i
         at_reference[rows] = s[np.arange(rows.size), reference[rows]]
         lowest[rows] = np.argmin(s, axis=1)
+        bound += float(s[np.arange(rows.size), feasible[rows]].sum())
     peak = max(price * capacity, float(np.abs(best).max()))
-    reference = np.where(at_reference > 1e-12 * peak, lowest, reference)
+    moved = at_reference > 1e-12 * peak  # rounding: use a true minimiser instead
+    reference = np.where(moved, lowest, reference)
+    base = float(at_reference[~moved].sum())  # L(reference) without waste, ~0
     spare = budget - int(reference.sum())
-    bound = price * spare  # waste the spare units
+    if spare >= 0:  # waste the spare units
+        bound = min(bound, base + price * spare)
     if spare >= 1:
         rows = np.flatnonzero((reference >= 2) & (reference < capacity))
         if rows.size:  # one unit on the best single increment
             grown = float(loss_at(rows, reference[rows] + 1).min())
-            bound = min(bound, grown + price * (spare - 1))
+            bound = min(bound, base + grown + price * (spare - 1))
         takers, givers = np.flatnonzero(reference == 0), np.flatnonzero(reference >= 3)
         if takers.size and givers.size:  # a new pair, paid by the cheapest taken single
             cost = float(loss_at(takers, np.full(takers.size, 2)).min())
             cost += float(loss_at(givers, reference[givers] - 1).min())
-            bound = min(bound, cost + price * (spare - 1))
+            bound = min(bound, base + cost + price * (spare - 1))
     bound = bound * (1 + 1e-9) + 1e-12 * peak  # rounding must not drop x*'s choices
 
     def candidates(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -501,6 +512,8 @@ def _pruned_dp(
         moves = np.where(keep[several], np.abs(n - reference[rows[several], None]), 0)
         reach = max(reach, int(moves.max(initial=0)))
     free_rows = np.concatenate(free)
+    if free_rows.size == 0:
+        return reference  # every prompt has one candidate: the reference is optimal
     drift = max(abs(spare), abs(spare - int(bound / price)))
     movers = 2 * reach + drift
     width = movers * reach
