@@ -435,7 +435,10 @@ def _pruned_dp(
 
     so maximising value is minimising L, whose terms are all >= 0. `reference` has
     s_i(r_i) = 0 for every i (the envelope greedy at its threshold lambda, the
-    singleton set to 0; where rounding says otherwise, the argmin of s_i is used).
+    singleton set to 0; where rounding says otherwise, the argmin of s_i is used),
+    and value(reference) >= OPT - lambda. When lambda is below 1e-13 of the best
+    single prompt's value (rates within ~1e-6 of 0 or 1 hold the threshold), that
+    gap is below float resolution and the reference is returned.
 
     1. Bound: L(x*) <= U, the least loss of a few feasible points (`feasible`, the
        greedy with its singleton; the reference wasting its spare units; one spare
@@ -470,32 +473,43 @@ def _pruned_dp(
         net = rollout_value(counts, p[rows]) - price * counts
         return best[rows] - net
 
-    best, at_reference, lowest = np.empty(p.size), np.empty(p.size), np.empty(p.size, np.int64)
-    bound = price * (budget - int(feasible.sum()))  # L(feasible)
+    # value(reference) >= OPT - price (the envelope bounds OPT; the reference is the
+    # envelope greedy less the singleton's unit). Below float resolution: done.
+    alone = float(rollout_value(min(budget, capacity), p).max())  # feasible, so <= OPT
+    if price <= 1e-13 * alone:
+        return reference
+
+    best, at_reference, at_feasible = np.empty(p.size), np.empty(p.size), np.empty(p.size)
+    lowest = np.empty(p.size, dtype=np.int64)
     for rows in blocks:
         s = losses(rows)
         best[rows] = s[:, 0]  # s_i(0) = best_i - V(0) = best_i
         at_reference[rows] = s[np.arange(rows.size), reference[rows]]
+        at_feasible[rows] = s[np.arange(rows.size), feasible[rows]]
         lowest[rows] = np.argmin(s, axis=1)
-        bound += float(s[np.arange(rows.size), feasible[rows]].sum())
     peak = max(price * capacity, float(np.abs(best).max()))
     moved = at_reference > 1e-12 * peak  # rounding: use a true minimiser instead
     reference = np.where(moved, lowest, reference)
-    base = float(at_reference[~moved].sum())  # L(reference) without waste, ~0
+    at_reference[moved] = 0.0
+    # Losses are counted relative to the reference (s_i(r_i) = 0), over the prompts
+    # that differ from it, so rounding noise of the others does not add up.
+    differ = feasible != reference
+    bound = float((at_feasible[differ] - at_reference[differ]).sum())
+    bound += price * (budget - int(feasible.sum()))
     spare = budget - int(reference.sum())
     if spare >= 0:  # waste the spare units
-        bound = min(bound, base + price * spare)
+        bound = min(bound, price * spare)
     if spare >= 1:
         rows = np.flatnonzero((reference >= 2) & (reference < capacity))
         if rows.size:  # one unit on the best single increment
             grown = float(loss_at(rows, reference[rows] + 1).min())
-            bound = min(bound, base + grown + price * (spare - 1))
+            bound = min(bound, grown + price * (spare - 1))
         takers, givers = np.flatnonzero(reference == 0), np.flatnonzero(reference >= 3)
         if takers.size and givers.size:  # a new pair, paid by the cheapest taken single
             cost = float(loss_at(takers, np.full(takers.size, 2)).min())
             cost += float(loss_at(givers, reference[givers] - 1).min())
-            bound = min(bound, base + cost + price * (spare - 1))
-    bound = bound * (1 + 1e-9) + 1e-12 * peak  # rounding must not drop x*'s choices
+            bound = min(bound, cost + price * (spare - 1))
+    bound = max(bound, 0.0) * (1 + 1e-9) + 1e-12 * peak  # rounding must not drop x*'s choices
 
     def candidates(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """C_i as a mask over n = 0..capacity, and the losses."""

@@ -119,6 +119,8 @@ def test_min_rollouts_zero_takes_rollouts_in_pairs_regression():
         ([0.125, 0.5, 0.375, 0.0], 4, 3, [0, 2, 2, 0]),
         ([0.5] * 3, 1, 3, [1, 0, 0]),  # one unit: nothing is worth anything
         ([0.5] * 3, 5, 3, [3, 2, 0]),
+        # The odd unit sits at a rate of 2e-50, worth ~1e-100: far below float resolution.
+        ([0.5, 2.11690407e-50], 21, 20, [20, 1]),
     ],
 )
 def test_min_rollouts_zero_examples(p, budget, high, expected):
