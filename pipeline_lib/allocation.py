@@ -23,7 +23,7 @@ except at N = 1, so the greedy optimum of the envelope is optimal whenever no
 prompt ends at exactly one rollout; singletons are first paired or swapped
 against increments of equal gain, and if one remains, a dynamic program over the
 few prompts that can differ from the greedy (a Lagrangian loss bound, see
-`_pruned_dp`) finishes exactly.
+`_pruned_dp`) finishes exactly (to float resolution).
 
 Two rule sets for the whole policy (`allocate_rollouts(..., rules=...)`):
 
@@ -53,17 +53,19 @@ Two rule sets for the whole policy (`allocate_rollouts(..., rules=...)`):
      with none, over every non-effective prompt): base + one more to the first in
      index order, no N_up cap; the optimiser then gets need. (With every prompt
      effective the official code divides by zero; here the fallback is skipped.)
-  5. Optimiser: effective prompt i gets k_i extra rollouts, 0 <= k_i <= N_up - N_low,
-     sum k_i = min(budget, n_eff * (N_up - N_low)), maximising
+  5. Optimiser, with B_opt = need after a fallback, else R: effective prompt i
+     gets k_i extra rollouts, 0 <= k_i <= N_up - N_low,
+     sum k_i = min(B_opt, n_eff * (N_up - N_low)), maximising
      sum_i f_i(k_i) with f_i(0) = 0 and f_i(k) = V(N_low + k, p_i) for k >= 1.
      This is not the true objective: k = 0 is worth 0 rather than V(N_low), so
-     the first extra rollout is worth V(N_low + 1) instead of dV(N_low), and the
-     DP hands nearly every effective prompt at least one. f is still concave for
+     the first extra rollout is worth V(N_low + 1) instead of dV(N_low) (at
+     least twice the second's worth), and the DP spreads extra rollouts over
+     more prompts than the true optimum does. f is still concave for
      N_low >= 1 (f(1) = V(N_low + 1) = sum_{j=1..N_low} dV(j) >= dV(N_low + 1)),
      so the greedy with that first gain is exact; for N_low = 0, f = V and
      `_optimum_from_zero` applies. Ties between equal-valued optima may be broken
      differently from the official DP; the objective is the same.
-  6. Budget the optimiser cannot place (the part above n_eff * (N_up - N_low)) is
+  6. Budget the optimiser cannot place (B_opt above n_eff * (N_up - N_low)) is
      split evenly over the effective prompts: base + one more to the first in
      index order, no cap.
 
@@ -77,6 +79,7 @@ need is ceil(cost) clipped to [N_low, N_up] per prompt and compared with the
 whole budget the valued prompts are offered (floors included); its surplus is
 water-filled (lowest first, capped at N_up) over p = 0 prompts, then p = 1, then
 valued prompts, then unseen ones; unseen prompts are never counted as p = 0.
+`scripts/bench_allocation.py` measures how far apart the two land per step.
 """
 
 from __future__ import annotations
@@ -437,8 +440,8 @@ def _pruned_dp(
     s_i(r_i) = 0 for every i (the envelope greedy at its threshold lambda, the
     singleton set to 0; where rounding says otherwise, the argmin of s_i is used),
     and value(reference) >= OPT - lambda. When lambda is below 1e-13 of the best
-    single prompt's value (rates within ~1e-6 of 0 or 1 hold the threshold), that
-    gap is below float resolution and the reference is returned.
+    single prompt's value (only when the threshold prompt's rate is extremely close
+    to 0 or 1), that gap is below float resolution and the reference is returned.
 
     1. Bound: L(x*) <= U, the least loss of a few feasible points (`feasible`, the
        greedy with its singleton; the reference wasting its spare units; one spare
@@ -746,8 +749,10 @@ class AllocationResult:
     """Rollouts per prompt and what the policy did to get them."""
 
     rollouts: np.ndarray  # int64[M]
-    fallback_rollouts: int  # rollouts moved to p = 0 (or p = 1) prompts by the fallback
-    knapsack_budget: int  # rollouts the optimiser distributed over 0 < p < 1 prompts
+    # Rollouts the fallback gave to p = 0 prompts (official: and unseen ones), or to
+    # p = 1 prompts when there are none.
+    fallback_rollouts: int
+    knapsack_budget: int  # rollouts offered to the 0 < p < 1 prompts, floors included
 
 
 def uniform_allocate(num_prompts: int, total_budget: int) -> np.ndarray:
@@ -971,4 +976,4 @@ def _allocate_official(
     if unplaced > 0:
         extra += uniform_allocate(extra.size, unplaced)
     allocation[effective] += extra
-    return AllocationResult(allocation, moved, knapsack_budget)
+    return AllocationResult(allocation, moved, knapsack_budget + low * int(effective.sum()))

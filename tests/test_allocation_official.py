@@ -117,7 +117,9 @@ def check_against_oracle(p, budget, low, high, navg, neg, pos, alpha, cost_estim
     effective = [i for i in range(len(p)) if not math.isnan(p[i]) and 0 < p[i] < 1]
     others = [i for i in range(len(p)) if i not in effective]
     assert [int(n[i]) for i in others] == [expected[i] for i in others]
-    assert (result.fallback_rollouts, result.knapsack_budget) == (moved, dp_budget)
+    offered = dp_budget + low * len(effective) if effective else 0  # floors included
+    assert (result.fallback_rollouts, result.knapsack_budget) == (moved, offered)
+    assert sum(int(n[i]) for i in effective) == offered
     extras = [int(n[i]) - low for i in effective]
     assert min(extras, default=0) >= 0
     room = high - low
@@ -214,7 +216,7 @@ def test_without_zero_prompts_the_surplus_goes_to_every_non_effective_prompt():
 def test_with_every_prompt_effective_the_fallback_has_nowhere_to_go():
     # The official code divides by zero here; the optimiser keeps the whole budget.
     result = allocate_rollouts(np.array([0.5, 0.5]), 40, rules="official")
-    assert result.knapsack_budget == 36 and result.fallback_rollouts == 0
+    assert result.knapsack_budget == 40 and result.fallback_rollouts == 0
     assert result.rollouts.tolist() == [20, 20]
 
 
