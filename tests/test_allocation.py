@@ -18,6 +18,17 @@ from pipeline_lib.allocation import (
 )
 
 
+def true_value(n: int, p: float) -> float:
+    """V(N, p) from the definition: no rollouts, or one, cannot hold both outcomes."""
+    if n == 0:
+        return 0.0
+    return (1.0 - p**n - (1.0 - p) ** n) * p * (1.0 - p) ** 2
+
+
+def value_of(n: np.ndarray, p: np.ndarray) -> float:
+    return sum(true_value(int(a), float(b)) for a, b in zip(n, p, strict=True))
+
+
 def dp_optimum(p: np.ndarray, budget: int, low: int, high: int, cost=None) -> float:
     """Best sum_i V(N_i, p_i) with low <= N_i <= high and sum cost_i * N_i <= budget (oracle)."""
     cost = np.ones(p.size, dtype=np.int64) if cost is None else cost
@@ -29,7 +40,7 @@ def dp_optimum(p: np.ndarray, budget: int, low: int, high: int, cost=None) -> fl
             w = int(n * c_i)
             if w > budget:
                 break
-            v = float(rollout_value(np.array(n), np.array(p_i)))
+            v = true_value(n, float(p_i))
             nxt[w:] = np.maximum(nxt[w:], best[: budget + 1 - w] + v)
         best = nxt
     return float(best.max())
@@ -59,7 +70,7 @@ def test_knapsack_matches_dp_optimum_and_constraints(problem):
     assert n.dtype == np.int64
     assert np.all(n >= low) and np.all(n <= high)
     assert n.sum() == min(budget, p.size * high)
-    value = rollout_value(n, p).sum()
+    value = value_of(n, p)
     assert value == pytest.approx(dp_optimum(p, budget, low, high), rel=1e-12, abs=1e-15)
 
 
@@ -71,18 +82,53 @@ def test_knapsack_is_deterministic_and_order_equivariant_in_value(problem):
     assert np.array_equal(first, knapsack_allocate(p.copy(), budget, low, high))
     perm = np.random.default_rng(0).permutation(p.size)
     shuffled = knapsack_allocate(p[perm], budget, low, high)
-    assert rollout_value(shuffled, p[perm]).sum() == pytest.approx(
-        rollout_value(first, p).sum(), rel=1e-12, abs=1e-15
-    )
+    assert value_of(shuffled, p[perm]) == pytest.approx(value_of(first, p), rel=1e-12, abs=1e-15)
 
 
-def test_marginal_gain_is_the_difference_of_values_and_never_grows():
+def test_rollout_value_is_the_definition_including_zero_rollouts():
+    n = np.arange(0, 50)
+    for p in [0.0, 0.003, 0.1, 0.5, 0.77, 0.999, 1.0]:
+        expected = [true_value(int(k), p) for k in n]
+        np.testing.assert_allclose(rollout_value(n, np.full(n.size, p)), expected, atol=1e-16)
+    assert rollout_value(np.array(0), np.array(0.5)) == 0.0  # not -p (1-p)^2
+
+
+def test_marginal_gain_is_the_difference_of_values_and_never_grows_from_one():
     n = np.arange(0, 200)
     for p in [0.003, 0.1, 0.5, 0.77, 0.999]:
         gains = marginal_gain(n, np.full(n.size, p))
         diffs = rollout_value(n + 1, np.full(n.size, p)) - rollout_value(n, np.full(n.size, p))
         np.testing.assert_allclose(gains, diffs, atol=1e-15)
-        assert np.all(np.diff(gains) <= 1e-18)
+        assert gains[0] == 0.0  # V(0) = V(1) = 0: the first rollout alone is worth nothing
+        assert np.all(np.diff(gains[1:]) <= 1e-18)
+
+
+def test_min_rollouts_zero_takes_rollouts_in_pairs_regression():
+    # The closed form valued V(0) at -p(1-p)^2, so [1, 1, 1, 1] (worth 0) looked optimal.
+    n = knapsack_allocate(np.array([0.5] * 4), 4, 0, 8)
+    assert n.tolist() == [2, 2, 0, 0]
+    assert value_of(n, np.array([0.5] * 4)) == pytest.approx(2 * true_value(2, 0.5))
+
+
+@pytest.mark.parametrize(
+    "p, budget, high, expected",
+    [
+        # An odd unit no prompt can use well: the pruned DP decides between
+        # completing a pair elsewhere and wasting it.
+        ([0.875, 0.875, 0.25, 0.0], 3, 2, [1, 0, 2, 0]),
+        ([0.125, 0.5, 0.375, 0.0], 4, 3, [0, 2, 2, 0]),
+        ([0.5] * 3, 1, 3, [1, 0, 0]),  # one unit: nothing is worth anything
+        ([0.5] * 3, 5, 3, [3, 2, 0]),
+        # The odd unit sits at a rate of 2e-50, worth ~1e-100: far below float resolution.
+        ([0.5, 2.11690407e-50], 21, 20, [20, 1]),
+    ],
+)
+def test_min_rollouts_zero_examples(p, budget, high, expected):
+    p = np.array(p)
+    n = knapsack_allocate(p, budget, 0, high)
+    assert value_of(n, p) == pytest.approx(dp_optimum(p, budget, 0, high), rel=1e-12, abs=1e-15)
+    assert value_of(np.array(expected), p) == pytest.approx(value_of(n, p), rel=1e-12, abs=1e-15)
+    assert n.sum() == min(budget, p.size * high)
 
 
 def test_edge_cases_named_in_the_contract():
@@ -121,10 +167,31 @@ def test_large_problem_runs_and_respects_constraints():
     assert n.sum() == 8 * p.size and n.min() >= 2 and n.max() <= 256
 
 
+@pytest.mark.parametrize("copies", [20, 300])
+def test_min_rollouts_zero_with_many_interchangeable_prompts_and_an_odd_unit(copies):
+    # Every p = 0.5 prompt fills its first three rollouts before any p = 0.25 one
+    # starts; the odd unit then needs the DP, which keeps a few prompts of each kind.
+    p = np.r_[np.full(copies, 0.5), np.full(copies, 0.25)]
+    n = knapsack_allocate(p, 3 * copies + 1, 0, 8)
+    assert n.sum() == 3 * copies + 1
+    best = dp_optimum(p, 3 * copies + 1, 0, 8)
+    assert value_of(n, p) == pytest.approx(best, rel=1e-12, abs=1e-15)
+
+
+def test_large_problem_from_zero_rollouts_beats_the_floor_of_two():
+    # Repeated rates and an odd budget: many ties at the threshold.
+    p = np.random.default_rng(1).integers(0, 9, 20_000) / 8
+    n = knapsack_allocate(p, 8 * p.size + 1, 0, 64)
+    assert n.sum() == 8 * p.size + 1 and n.min() >= 0 and n.max() <= 64
+    floored = knapsack_allocate(p, 8 * p.size + 1, 2, 64)  # a feasible point of the same problem
+    assert rollout_value(n, p).sum() >= rollout_value(floored, p).sum() - 1e-12
+
+
 @settings(max_examples=150, deadline=None)
 @given(problems(), st.lists(st.integers(1, 4), min_size=6, max_size=6))
 def test_token_knapsack_within_one_increment_of_optimum(problem, costs):
     p, _, low, high = problem
+    low, high = max(low, 1), max(high, 1)
     cost = np.array(costs[: p.size], dtype=np.int64)
     floor = int((cost * low).sum())
     budget = floor + int(cost.sum()) * 2
@@ -133,7 +200,12 @@ def test_token_knapsack_within_one_increment_of_optimum(problem, costs):
     assert float((n * cost).sum()) <= budget
     best = dp_optimum(p, budget, low, high, cost)
     bound = float(marginal_gain(np.full(p.size, low), p).max())
-    assert rollout_value(n, p).sum() >= best - bound - 1e-12
+    assert value_of(n, p) >= best - bound - 1e-12
+
+
+def test_token_knapsack_rejects_zero_min_rollouts():
+    with pytest.raises(ValueError, match="min_rollouts >= 1"):
+        knapsack_allocate_tokens(np.array([0.5]), np.array([1.0]), 10, 0, 4)
 
 
 def test_token_knapsack_prefers_cheap_prompts_at_equal_value():
@@ -209,5 +281,29 @@ def test_knapsack_matches_dp_with_wide_rollout_ranges(problem):
     p, budget, low, high = problem
     n = knapsack_allocate(p, budget, low, high)
     assert n.sum() == min(budget, p.size * high) and n.min() >= low and n.max() <= high
-    value = rollout_value(n, p).sum()
+    value = value_of(n, p)
+    assert value == pytest.approx(dp_optimum(p, budget, low, high), rel=1e-12, abs=1e-15)
+
+
+eighths = st.integers(0, 8).map(lambda k: k / 8)
+
+
+@st.composite
+def from_zero_problems(draw):
+    """min_rollouts 0 or 1, rates k/8 (repeats make the ties that leave singletons)."""
+    num_prompts = draw(st.integers(1, 8))
+    p = np.array(draw(st.lists(eighths | rates, min_size=num_prompts, max_size=num_prompts)))
+    low = draw(st.integers(0, 1))
+    high = draw(st.integers(max(low, 1), 12))
+    budget = draw(st.integers(num_prompts * low, num_prompts * high + 3))
+    return p, budget, low, high
+
+
+@settings(max_examples=300, deadline=None)
+@given(from_zero_problems())
+def test_knapsack_from_zero_or_one_rollout_matches_dp(problem):
+    p, budget, low, high = problem
+    n = knapsack_allocate(p, budget, low, high)
+    assert n.sum() == min(budget, p.size * high) and n.min() >= low and n.max() <= high
+    value = value_of(n, p)
     assert value == pytest.approx(dp_optimum(p, budget, low, high), rel=1e-12, abs=1e-15)
