@@ -132,10 +132,48 @@ class TrainConfig(Section):
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
     prompts_per_step: int = Field(64, gt=0)
     rollouts_per_prompt: int = Field(8, gt=0, description="N_avg: budget = N_avg x prompts.")
-    min_rollouts: int = Field(2, ge=1, description="N_low.")
+    min_rollouts: int = Field(2, ge=0, description="N_low.")
     max_rollouts: int = Field(128, ge=1, description="N_up.")
-    status_estimator: Literal["paper", "beta"] = "paper"
-    fallback_confidence: float | None = Field(0.9, gt=0, lt=1)
+    status_estimator: Literal["paper", "beta"] = Field(
+        "paper",
+        description="Success-rate estimate per prompt: 'paper' (last visit, or its last 16 "
+        "rewards) or 'beta' (a decayed Beta posterior; all-failure evidence counts as p = 0).",
+    )
+    beta_prior: tuple[float, float] = Field(
+        (1.0, 1.0), description="(alpha, beta) of the 'beta' estimator's prior."
+    )
+    beta_decay: float = Field(
+        0.5, gt=0, le=1, description="Factor on the 'beta' evidence per epoch between visits."
+    )
+    allocation_rules: Literal["exact", "official"] = Field(
+        "exact",
+        description="'exact': the optimum of the paper's objective; 'official': the rules of "
+        "the paper's code (see pipeline_lib/allocation.py for every difference).",
+    )
+    fallback_confidence: float | None = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="alpha of the fallback that moves budget the valued prompts do not need "
+        "to p = 0 prompts; null turns the fallback off.",
+    )
+    fallback_cost: Literal["confidence", "expectation"] = Field(
+        "confidence",
+        description="The fallback's need per prompt: log(1-alpha)/log(max(p,1-p)) or "
+        "1/(p(1-p)) - 1.",
+    )
+    unsolved_rollouts: int | None = Field(
+        None, ge=0, description="Rollouts of p = 0 prompts (official negative_n); null: N_low."
+    )
+    solved_rollouts: int | None = Field(
+        None, ge=0, description="Rollouts of p = 1 prompts (official positive_n); null: N_low."
+    )
+    min_buffer_length: int | None = Field(
+        None,
+        ge=0,
+        description="Rewards a prompt needs before its estimate is used (else it counts as "
+        "unseen); null: 8 under the official rules, 1 under exact.",
+    )
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(8, gt=0)
@@ -186,6 +224,13 @@ class TrainConfig(Section):
     eval_samples: int = Field(2, gt=0, description="Samples per held-out prompt per check.")
     checkpoint_every: int = Field(1, gt=0, description="Steps between resumable checkpoints.")
     output_dir: str = Field("models/trained")
+
+    @property
+    def buffer_length(self) -> int:
+        """`min_buffer_length` with its rule-dependent default resolved."""
+        if self.min_buffer_length is not None:
+            return self.min_buffer_length
+        return 8 if self.allocation_rules == "official" else 1
 
     @model_validator(mode="after")
     def _bounds(self) -> TrainConfig:

@@ -279,6 +279,8 @@ def estimate_success_rates(
 
     Returns:
         float64 array [M] in [0, 1], NaN where the prompt is not in ``status``.
+        Under ``beta``, a prompt whose remembered evidence is all failures is 0 and
+        all successes is 1 (see below); the others get the posterior mean.
     """
     rows = status.set_index("prompt_id").reindex([str(p) for p in prompt_ids])
     seen = rows["visits"].notna().to_numpy()
@@ -292,9 +294,22 @@ def estimate_success_rates(
         for i in np.flatnonzero(seen & ~use_last):
             rates[i] = _window_rate(window_n[i], window_s[i], window_size)
     elif method == "beta":
-        a = prior_alpha + rows["beta_successes"].to_numpy(dtype=float)
-        b = prior_beta + rows["beta_failures"].to_numpy(dtype=float)
+        successes = rows["beta_successes"].to_numpy(dtype=float)
+        failures = rows["beta_failures"].to_numpy(dtype=float)
+        a, b = prior_alpha + successes, prior_beta + failures
         rates[seen] = (a / (a + b))[seen]
+        # The posterior mean is never exactly 0 or 1, yet the allocation's "unsolved"
+        # and "solved" classes must not stay empty: evidence that is all one way
+        # (every remembered reward a failure, or every one a success) counts as p = 0
+        # or p = 1, the paper's meaning of those classes.
+        rates[seen & (successes == 0) & (failures > 0)] = 0.0
+        rates[seen & (failures == 0) & (successes > 0)] = 1.0
     else:
         raise ValueError(f"unknown estimate method: {method!r}")
     return rates
+
+
+def reward_counts(status: pd.DataFrame, prompt_ids: Sequence[str]) -> np.ndarray:
+    """Rewards recorded per prompt, int64[M] (0 for prompts never visited)."""
+    rows = status.set_index("prompt_id").reindex([str(p) for p in prompt_ids])
+    return rows["total_rollouts"].fillna(0).to_numpy(dtype=np.int64)

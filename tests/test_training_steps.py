@@ -82,7 +82,7 @@ def test_first_visit_is_uniform_then_knapsack_moves_budget_to_mixed_prompts(prom
     batch = collect(
         engine, prompts, indices, first.rollouts, SamplingConfig(max_new_tokens=2), "last_number"
     )
-    status = record_status(status, 0, ids, first, batch)
+    status = record_status(status, 0, ids, first, batch, CONFIG)
     second = allocate(status, ids, CONFIG, "knapsack")
     assert second.predicted.tolist() == [0.0, 0.5, 1.0, 0.25]
     assert second.rollouts.sum() == 16  # the same budget

@@ -151,7 +151,7 @@ def _train_step(
     batch = collect(
         engine, run.train_set, indices, allocation.rollouts, sampling, config.reward_extraction
     )
-    state.status = record_status(state.status, epoch, ids, allocation, batch)
+    state.status = record_status(state.status, epoch, ids, allocation, batch, config)
     update_batch = build_update_batch(
         batch.completions, advantages(batch, config), run.tokenizer.pad_token_id
     )

@@ -15,14 +15,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline_lib.allocation import AllocationResult, allocate_rollouts
+from pipeline_lib.allocation import (
+    AllocationResult,
+    allocate_rollouts,
+    invalidate_short_histories,
+)
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.grpo import effective_gradient_ratio, group_advantages
 from pipeline_lib.plots import allocation_histogram, calibration_plot
 from pipeline_lib.prompts import PromptSet
 from pipeline_lib.rollout.base import Completion, GenerationStats, RolloutEngine, SamplingConfig
 from pipeline_lib.scoring import grade, sample_rewards
-from pipeline_lib.status import estimate_success_rates, record_visit
+from pipeline_lib.status import estimate_success_rates, record_visit, reward_counts
 from pipeline_lib.tracking import Tracker
 
 
@@ -55,15 +59,29 @@ def allocate(
 ) -> StepAllocation:
     """Rollouts per prompt for one step at the budget prompts_per_step x N_avg."""
     started = time.perf_counter()
-    predicted = estimate_success_rates(status, list(ids), method=config.status_estimator)
+    prior_alpha, prior_beta = config.beta_prior
+    predicted = estimate_success_rates(
+        status,
+        list(ids),
+        method=config.status_estimator,
+        prior_alpha=prior_alpha,
+        prior_beta=prior_beta,
+    )
+    predicted = invalidate_short_histories(
+        predicted, reward_counts(status, ids), config.buffer_length
+    )
     result = allocate_rollouts(
         predicted,
         config.prompts_per_step * config.rollouts_per_prompt,
         strategy=strategy,  # type: ignore[arg-type]
+        rules=config.allocation_rules,
         min_rollouts=config.min_rollouts,
         max_rollouts=config.max_rollouts,
         unseen_rollouts=config.rollouts_per_prompt,
+        negative_rollouts=config.unsolved_rollouts,
+        positive_rollouts=config.solved_rollouts,
         fallback_confidence=config.fallback_confidence,
+        cost_estimate=config.fallback_cost,
     )
     return StepAllocation(predicted, result, time.perf_counter() - started)
 
@@ -107,10 +125,16 @@ def record_status(
     ids: Sequence[str],
     allocation: StepAllocation,
     batch: RolloutBatch,
+    config: TrainConfig,
 ) -> pd.DataFrame:
     """The status table with this visit of every prompt of the step added."""
     return record_visit(
-        status, epoch, list(ids), allocation.rollouts, batch.successes.astype(np.int64)
+        status,
+        epoch,
+        list(ids),
+        allocation.rollouts,
+        batch.successes.astype(np.int64),
+        beta_decay=config.beta_decay,
     )
 
 
