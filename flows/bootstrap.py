@@ -29,4 +29,4 @@ def bootstrap(params_path: str = "params.yaml", overrides: dict | None = None) -
 
 
 if __name__ == "__main__":
-    run_flow_cli(bootstrap)
+    run_flow_cli(bootstrap, section="bootstrap")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline_lib.config import ConfigError, PipelineConfig, load_config
+from pipeline_lib.config import ConfigError, PipelineConfig, describe_section, load_config
 
 
 def load_stage_config(params_path: str, overrides: dict[str, Any] | None) -> PipelineConfig:
@@ -30,9 +30,22 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def run_flow_cli(flow_fn: Callable[..., Any]) -> None:
-    """`python -m flows.<stage> [--params params.yaml] [-S key=value ...]`."""
-    parser = argparse.ArgumentParser(description=flow_fn.__doc__)
+def run_flow_cli(flow_fn: Callable[..., Any], section: str | None = None) -> None:
+    """`python -m flows.<stage> [--params params.yaml] [-S key=value ...]`.
+
+    `--help` lists every key of the stage's params section (and the top level) with
+    its type, allowed values, default and description.
+    """
+    keys = describe_section(PipelineConfig)
+    if section is not None:
+        keys = [
+            line for line in keys if line.startswith(f"  {section}.") or "." not in line.split()[0]
+        ]
+    parser = argparse.ArgumentParser(
+        description=flow_fn.__doc__,
+        epilog="params (override with -S key=value):\n" + "\n".join(keys),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument(
         "-S",

@@ -91,4 +91,4 @@ def summarize(
 
 
 if __name__ == "__main__":
-    run_flow_cli(evaluate)
+    run_flow_cli(evaluate, section="evaluate")

@@ -97,4 +97,4 @@ def write_curves(steps_csvs: dict[str, Path], out_dir: Path = Path("metrics/curv
 
 
 if __name__ == "__main__":
-    run_flow_cli(train)
+    run_flow_cli(train, section="train")

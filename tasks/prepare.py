@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 
 from pipeline_lib.config import PrepareConfig
+from pipeline_lib.data.overlap import remove_benchmark_overlap
 from pipeline_lib.data.schema import validate_prompts, write_prompts
 from pipeline_lib.data.sources import read_source
 from pipeline_lib.data.synthetic import split_arithmetic
@@ -33,6 +34,17 @@ def load_tables(config: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
         )
     # Validate everything first: a bad benchmark must not leave a new train table behind.
     return {name: validate_prompts(table, origin=name) for name, table in tables.items()}
+
+
+@task  # no retries: an overlap under on_overlap=error is a finding, not a transient fault
+def drop_benchmark_overlap(
+    tables: dict[str, pd.DataFrame], on_overlap: str
+) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Train without problems that appear in a benchmark; overlapping rows per benchmark."""
+    tables, dropped = remove_benchmark_overlap(tables, on_overlap)
+    for name, count in dropped.items():
+        get_run_logger().info("benchmark %s: %d overlapping training problems dropped", name, count)
+    return tables, dropped
 
 
 @task

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline_lib.config import ConfigError, apply_overrides, load_config, parse_config
+from pipeline_lib.config import (
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    load_config,
+    parse_config,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -52,3 +58,20 @@ def test_fingerprint_changes_with_any_value():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_params_field_is_documented_and_listed_by_help():
+    """cleanrl-style: a description under every field, shown by `python -m flows.<stage> --help`."""
+    import subprocess
+    import sys
+
+    from pipeline_lib.config import describe_section
+
+    lines = describe_section(PipelineConfig)
+    undocumented = [line for line in lines if line.strip().endswith("None")]
+    assert not undocumented, undocumented
+    help_text = subprocess.run(
+        [sys.executable, "-m", "flows.train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert 'train.allocation_rules (one of exact|official; default "exact")' in help_text
+    assert "train.ppo_mini_batches" in help_text and "bootstrap.sft" not in help_text

@@ -101,3 +101,24 @@ def test_unreadable_sources_are_named(tmp_path, source, match):
         path.write_text("a,b\n1,2\n")
     with pytest.raises(SourceError, match=match):
         read_source(str(path))
+
+
+def test_train_problems_found_in_a_benchmark_are_dropped_or_fail_the_stage():
+    import pandas as pd
+
+    from pipeline_lib.data.overlap import OverlapError, remove_benchmark_overlap
+
+    train = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "problem": ["What is 2+2?", "Name  a prime.", "x"],
+            "answer": ["4", "2", "1"],
+        }
+    )
+    bench = pd.DataFrame({"id": ["t"], "problem": ["  what is 2+2? "], "answer": ["4"]})
+    tables, dropped = remove_benchmark_overlap({"train": train, "gsm8k": bench}, "drop")
+    assert dropped == {"gsm8k": 1}
+    assert tables["train"]["id"].tolist() == ["b", "c"]
+    assert tables["gsm8k"] is bench
+    with pytest.raises(OverlapError, match=r"1 training problems also appear in benchmark 'gsm8k'"):
+        remove_benchmark_overlap({"train": train, "gsm8k": bench}, "error")
