@@ -977,3 +977,44 @@ def _allocate_official(
         extra += uniform_allocate(extra.size, unplaced)
     allocation[effective] += extra
     return AllocationResult(allocation, moved, knapsack_budget + low * int(effective.sum()))
+
+
+def allocate_rollouts_by_tokens(
+    success_rates: np.ndarray,
+    tokens_per_rollout: np.ndarray,
+    token_budget: float,
+    *,
+    min_rollouts: int = 2,
+    max_rollouts: int = 128,
+    unseen_rollouts: int = 8,
+) -> AllocationResult:
+    """The allocation policy with a budget in expected completion tokens.
+
+    - NaN success rate (unseen or not yet valid): `unseen_rollouts`.
+    - p = 0 and p = 1: `min_rollouts`.
+    - 0 < p < 1: `knapsack_allocate_tokens` over the tokens left, so a prompt whose
+      answers are long pays for each rollout in tokens, and value per token decides.
+    No fallback: tokens the valued prompts cannot use stay unspent (and are reported
+    as the difference between `token_budget` and what the allocation costs).
+
+    Args:
+        success_rates: float[M], NaN for unseen prompts.
+        tokens_per_rollout: float[M] > 0, expected completion tokens of one rollout.
+    Returns:
+        AllocationResult with int64[M] rollouts; `knapsack_budget` is the valued
+        prompts' rollouts.
+    """
+    p = np.asarray(success_rates, dtype=np.float64)
+    cost = np.asarray(tokens_per_rollout, dtype=np.float64)
+    if cost.shape != p.shape:
+        raise ValueError(f"tokens_per_rollout shape {cost.shape} != success_rates {p.shape}")
+    unseen = np.isnan(p)
+    valued = ~unseen & (p > 0) & (p < 1)
+    allocation = np.full(p.size, min_rollouts, dtype=np.int64)
+    allocation[unseen] = unseen_rollouts
+    fixed_cost = float((allocation[~valued] * cost[~valued]).sum())
+    if valued.any():
+        allocation[valued] = knapsack_allocate_tokens(
+            p[valued], cost[valued], token_budget - fixed_cost, min_rollouts, max_rollouts
+        )
+    return AllocationResult(allocation, 0, int(allocation[valued].sum()))

@@ -150,6 +150,12 @@ class TrainConfig(Section):
     beta_decay: float = Field(
         0.5, gt=0, le=1, description="Factor on the 'beta' evidence per epoch between visits."
     )
+    budget_unit: Literal["rollouts", "tokens"] = Field(
+        "rollouts",
+        description="Each step's knapsack budget: prompts_per_step x N_avg rollouts, or as "
+        "many expected completion tokens (each prompt's mean length from its history; "
+        "unseen: max_new_tokens). 'tokens' uses the exact rules and no fallback.",
+    )
     allocation_rules: Literal["exact", "official"] = Field(
         "exact",
         description="'exact': the optimum of the paper's objective; 'official': the rules of "

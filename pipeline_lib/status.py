@@ -81,6 +81,7 @@ STATUS_SCHEMA = pa.DataFrameSchema(
         "last_successes": pa.Column("int64", pa.Check.ge(0)),
         "total_rollouts": pa.Column("int64", pa.Check.ge(1)),
         "total_successes": pa.Column("int64", pa.Check.ge(0)),
+        "total_tokens": pa.Column("int64", pa.Check.ge(0)),
         "window_rollouts": pa.Column(
             object, pa.Check(_is_count_list, element_wise=True, name="list_of_counts")
         ),
@@ -148,6 +149,7 @@ def record_visit(
     rollouts: Sequence[int] | np.ndarray,
     successes: Sequence[int] | np.ndarray,
     *,
+    tokens: Sequence[int] | np.ndarray | None = None,
     window_size: int = WINDOW_SIZE,
     beta_decay: float = BETA_DECAY,
 ) -> pd.DataFrame:
@@ -160,6 +162,7 @@ def record_visit(
         rollouts: [M] rollouts per prompt; prompts with 0 rollouts were not visited
             and are left as they were.
         successes: [M] successful rollouts per prompt, 0 <= successes <= rollouts.
+        tokens: [M] completion tokens generated per prompt (None: not counted, 0).
         window_size: how many recent rewards the table keeps visits for (the paper's 16).
         beta_decay: factor in (0, 1] applied to the Beta evidence per elapsed epoch.
 
@@ -169,18 +172,19 @@ def record_visit(
     ids = [str(p) for p in prompt_ids]
     n = np.asarray(rollouts, dtype=np.int64).reshape(-1)
     s = np.asarray(successes, dtype=np.int64).reshape(-1)
+    t = np.zeros_like(n) if tokens is None else np.asarray(tokens, dtype=np.int64).reshape(-1)
     if not (len(ids) == len(n) == len(s)):
         raise ValueError(f"lengths differ: {len(ids)} ids, {len(n)} rollouts, {len(s)} successes")
     if len(set(ids)) != len(ids):
         raise ValueError("prompt_ids must be distinct within one visit")
-    if (n < 0).any() or (s < 0).any() or (s > n).any():
-        raise ValueError("need 0 <= successes <= rollouts")
+    if (n < 0).any() or (s < 0).any() or (s > n).any() or t.shape != n.shape or (t < 0).any():
+        raise ValueError("need 0 <= successes <= rollouts and tokens >= 0, one per prompt")
     if epoch < 0 or window_size < 1 or not 0.0 < beta_decay <= 1.0:
         raise ValueError("need epoch >= 0, window_size >= 1 and 0 < beta_decay <= 1")
 
     visited = n > 0
     ids = [p for p, v in zip(ids, visited, strict=True) if v]
-    n, s = n[visited], s[visited]
+    n, s, t = n[visited], s[visited], t[visited]
     table = status.set_index("prompt_id", drop=False)
     previous = table.reindex(ids)
     seen = previous["visits"].notna().to_numpy()
@@ -193,7 +197,7 @@ def record_visit(
     elapsed = np.where(seen, epoch - previous["last_epoch"].to_numpy(dtype=float), 0.0)
     keep = beta_decay**elapsed
     old = previous.fillna(
-        {c: 0 for c in ("visits", "total_rollouts", "total_successes")}
+        {c: 0 for c in ("visits", "total_rollouts", "total_successes", "total_tokens")}
         | {"beta_successes": 0.0, "beta_failures": 0.0}
     )
     windows = [
@@ -217,6 +221,7 @@ def record_visit(
             "last_successes": s,
             "total_rollouts": old["total_rollouts"].to_numpy(dtype=np.int64) + n,
             "total_successes": old["total_successes"].to_numpy(dtype=np.int64) + s,
+            "total_tokens": old["total_tokens"].to_numpy(dtype=np.int64) + t,
             "window_rollouts": pd.Series([w[0] for w in windows], dtype=object),
             "window_successes": pd.Series([w[1] for w in windows], dtype=object),
             "beta_successes": old["beta_successes"].to_numpy(dtype=float) * keep + s,
@@ -313,3 +318,12 @@ def reward_counts(status: pd.DataFrame, prompt_ids: Sequence[str]) -> np.ndarray
     """Rewards recorded per prompt, int64[M] (0 for prompts never visited)."""
     rows = status.set_index("prompt_id").reindex([str(p) for p in prompt_ids])
     return rows["total_rollouts"].fillna(0).to_numpy(dtype=np.int64)
+
+
+def expected_tokens(status: pd.DataFrame, prompt_ids: Sequence[str], default: float) -> np.ndarray:
+    """Mean completion tokens per rollout of each prompt, float[M]; `default` if unseen."""
+    rows = status.set_index("prompt_id").reindex([str(p) for p in prompt_ids])
+    total = rows["total_tokens"].to_numpy(dtype=float)
+    rollouts = rows["total_rollouts"].to_numpy(dtype=float)
+    known = (rollouts > 0) & (total > 0)
+    return np.where(known, total / np.where(known, rollouts, 1.0), float(default))

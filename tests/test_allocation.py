@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pipeline_lib.allocation import (
     allocate_rollouts,
+    allocate_rollouts_by_tokens,
     knapsack_allocate,
     knapsack_allocate_tokens,
     marginal_gain,
@@ -307,3 +308,24 @@ def test_knapsack_from_zero_or_one_rollout_matches_dp(problem):
     assert n.sum() == min(budget, p.size * high) and n.min() >= low and n.max() <= high
     value = value_of(n, p)
     assert value == pytest.approx(dp_optimum(p, budget, low, high), rel=1e-12, abs=1e-15)
+
+
+def test_token_budget_policy_floors_and_budget():
+    """Unseen prompts get N_avg, p = 0 / 1 the floor, valued prompts share what is left
+    and the whole allocation stays within the token budget."""
+    p = np.array([np.nan, 0.0, 1.0, 0.5, 0.5])
+    cost = np.array([4.0, 2.0, 2.0, 1.0, 3.0])
+    budget = 5 * 8 * float(cost.mean())
+    result = allocate_rollouts_by_tokens(
+        p, cost, budget, min_rollouts=2, max_rollouts=64, unseen_rollouts=8
+    )
+    n = result.rollouts
+    assert n[:3].tolist() == [8, 2, 2]
+    assert float((n * cost).sum()) <= budget
+    assert n[3] > n[4] >= 2  # equal value, the short answers are cheaper
+    assert result.knapsack_budget == int(n[3:].sum())
+
+
+def test_token_budget_policy_rejects_mismatched_costs():
+    with pytest.raises(ValueError, match="tokens_per_rollout shape"):
+        allocate_rollouts_by_tokens(np.array([0.5, 0.5]), np.array([1.0]), 10.0)

@@ -15,6 +15,7 @@ from pipeline_lib.status import (
     STATUS_SCHEMA,
     empty_status,
     estimate_success_rates,
+    expected_tokens,
     load_status,
     prior_mean,
     record_visit,
@@ -203,6 +204,7 @@ def batch_status(visits, window_size, beta_decay):
                 "last_successes": last_s,
                 "total_rollouts": sum(n for _, n, _ in hist),
                 "total_successes": sum(s for _, _, s in hist),
+                "total_tokens": 0,  # status_after passes no token counts
                 "window_rollouts": [n for _, n, _ in in_window],
                 "window_successes": [s for _, _, s in in_window],
                 "beta_successes": sum(w * s for w, (_, _, s) in zip(weights, hist, strict=True)),
@@ -212,6 +214,15 @@ def batch_status(visits, window_size, beta_decay):
             }
         )
     return per_prompt, rows
+
+
+def beta_oracle(successes, failures, alpha, beta):
+    """Posterior mean, except evidence that is all failures (all successes) is p = 0 (1)."""
+    if successes == 0 and failures > 0:
+        return 0.0
+    if failures == 0 and successes > 0:
+        return 1.0
+    return (alpha + successes) / (alpha + beta + successes + failures)
 
 
 def paper_estimate_from_samples(hist, window_size):
@@ -261,7 +272,18 @@ def test_incremental_updates_equal_batch_recomputation(visits, window_size, beta
     expected = [paper_estimate_from_samples(per_prompt[p], window_size) for p in ids]
     np.testing.assert_allclose(paper, expected, rtol=1e-12)
     beta = estimate_success_rates(incremental, ids, method="beta", prior_alpha=2.0, prior_beta=3.0)
-    expected_beta = [
-        (2.0 + r["beta_successes"]) / (5.0 + r["beta_successes"] + r["beta_failures"]) for r in rows
-    ]
+    expected_beta = [beta_oracle(r["beta_successes"], r["beta_failures"], 2.0, 3.0) for r in rows]
     np.testing.assert_allclose(beta, expected_beta, rtol=1e-12)
+
+
+def test_tokens_accumulate_into_expected_length():
+    table = empty_status()
+    table = record_visit(table, 0, ["a", "b"], [4, 2], [1, 0], tokens=[40, 6])
+    table = record_visit(table, 1, ["a", "b"], [4, 0], [2, 0], tokens=[8, 0])
+    assert table.set_index("prompt_id")["total_tokens"].to_dict() == {"a": 48, "b": 6}
+    np.testing.assert_allclose(expected_tokens(table, ["a", "b", "new"], 16.0), [6.0, 3.0, 16.0])
+
+
+def test_record_visit_rejects_negative_tokens():
+    with pytest.raises(ValueError, match="tokens >= 0"):
+        record_visit(empty_status(), 0, ["a"], [4], [1], tokens=[-1])

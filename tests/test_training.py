@@ -79,10 +79,12 @@ def setup():
     return tokenizer, prompt_set(train), prompt_set(heldout), fresh_model, config
 
 
-def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", update_processes=1):
-    """The train task's wiring: restore, open the updater on the restored model, train."""
+def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", **params):
+    """The train task's wiring: restore, open the updater on the restored model, train.
+
+    `params` override the fixture's TrainConfig fields (validated, like params.yaml)."""
     tokenizer, train_set, heldout_set, fresh_model, config = setup
-    config = config.model_copy(update={"update_processes": update_processes})
+    config = TrainConfig.model_validate(config.model_dump() | params)
     model = fresh_model()
     engine = engine_wrapper(HFGenerateEngine(fresh_model(), tokenizer))
     engine.update_weights(model.state_dict())
@@ -175,3 +177,17 @@ def test_update_diagnostics_average_over_rows_with_signal():
     batch = build_update_batch(completions, advantages, tokenizer.pad_token_id)
     stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, UpdateSettings())
     assert stats["train/rows_with_signal"] == 2
+
+
+def test_token_budget_spends_expected_completion_tokens(setup, tmp_path):
+    """budget_unit: tokens runs end to end; the status table learns each prompt's length,
+    and a step's allocation costs about prompts x N_avg x mean expected length."""
+    result, _, _ = run(setup, tmp_path, budget_unit="tokens", steps=4)
+    steps = result.steps
+    assert steps["step"].tolist() == [0, 1, 2, 3, 4]
+    status = DirectoryCheckpointer(tmp_path, fingerprint="test").restore(setup[3]()).status
+    visited = status[status.total_rollouts > 0]
+    assert (visited.total_tokens > 0).all()
+    # max_new_tokens = 4 bounds every completion, so no prompt averages more than 4 tokens.
+    assert (visited.total_tokens <= 4 * visited.total_rollouts).all()
+    assert steps["alloc/mean_rollouts"].iloc[1:].min() > 0

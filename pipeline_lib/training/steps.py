@@ -18,6 +18,7 @@ import torch
 from pipeline_lib.allocation import (
     AllocationResult,
     allocate_rollouts,
+    allocate_rollouts_by_tokens,
     invalidate_short_histories,
 )
 from pipeline_lib.config import TrainConfig
@@ -26,7 +27,12 @@ from pipeline_lib.plots import allocation_histogram, calibration_plot
 from pipeline_lib.prompts import PromptSet
 from pipeline_lib.rollout.base import Completion, GenerationStats, RolloutEngine, SamplingConfig
 from pipeline_lib.scoring import grade, sample_rewards
-from pipeline_lib.status import estimate_success_rates, record_visit, reward_counts
+from pipeline_lib.status import (
+    estimate_success_rates,
+    expected_tokens,
+    record_visit,
+    reward_counts,
+)
 from pipeline_lib.tracking import Tracker
 
 
@@ -70,6 +76,17 @@ def allocate(
     predicted = invalidate_short_histories(
         predicted, reward_counts(status, ids), config.buffer_length
     )
+    if config.budget_unit == "tokens" and strategy == "knapsack":
+        costs = expected_tokens(status, ids, default=config.max_new_tokens)
+        result = allocate_rollouts_by_tokens(
+            predicted,
+            costs,
+            config.prompts_per_step * config.rollouts_per_prompt * float(costs.mean()),
+            min_rollouts=config.min_rollouts,
+            max_rollouts=config.max_rollouts,
+            unseen_rollouts=config.rollouts_per_prompt,
+        )
+        return StepAllocation(predicted, result, time.perf_counter() - started)
     result = allocate_rollouts(
         predicted,
         config.prompts_per_step * config.rollouts_per_prompt,
@@ -91,13 +108,15 @@ class RolloutBatch:
     """One step's graded rollouts, flat, with the group (prompt position) of each.
 
     completions: B completions; group_ids: LongTensor[B]; rewards: float[B];
-    successes: float[M] rewards >= 0.5 per prompt (M = prompts in the step).
+    successes: float[M] rewards >= 0.5 per prompt (M = prompts in the step);
+    tokens: float[M] completion tokens generated per prompt.
     """
 
     completions: list[Completion]
     group_ids: torch.Tensor
     rewards: np.ndarray
     successes: np.ndarray
+    tokens: np.ndarray
     stats: GenerationStats | None
 
 
@@ -116,7 +135,9 @@ def collect(
     group_ids = torch.tensor([c.prompt_index for c in flat], dtype=torch.long)
     rewards = grade(flat, [prompts.answers[indices[c.prompt_index]] for c in flat], extraction)
     successes = np.bincount(group_ids.numpy(), weights=rewards >= 0.5, minlength=len(indices))
-    return RolloutBatch(flat, group_ids, rewards, successes, stats)
+    lengths = np.array([len(c.token_ids) for c in flat], dtype=np.float64)
+    tokens = np.bincount(group_ids.numpy(), weights=lengths, minlength=len(indices))
+    return RolloutBatch(flat, group_ids, rewards, successes, tokens, stats)
 
 
 def record_status(
@@ -134,6 +155,7 @@ def record_status(
         list(ids),
         allocation.rollouts,
         batch.successes.astype(np.int64),
+        tokens=batch.tokens.astype(np.int64),
         beta_decay=config.beta_decay,
     )
 
