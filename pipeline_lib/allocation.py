@@ -494,24 +494,10 @@ def _pruned_dp(
     moved = at_reference > 1e-12 * peak  # rounding: use a true minimiser instead
     reference = np.where(moved, lowest, reference)
     at_reference[moved] = 0.0
-    # Losses are counted relative to the reference (s_i(r_i) = 0), over the prompts
-    # that differ from it, so rounding noise of the others does not add up.
-    differ = feasible != reference
-    bound = float((at_feasible[differ] - at_reference[differ]).sum())
-    bound += price * (budget - int(feasible.sum()))
     spare = budget - int(reference.sum())
-    if spare >= 0:  # waste the spare units
-        bound = min(bound, price * spare)
-    if spare >= 1:
-        rows = np.flatnonzero((reference >= 2) & (reference < capacity))
-        if rows.size:  # one unit on the best single increment
-            grown = float(loss_at(rows, reference[rows] + 1).min())
-            bound = min(bound, grown + price * (spare - 1))
-        takers, givers = np.flatnonzero(reference == 0), np.flatnonzero(reference >= 3)
-        if takers.size and givers.size:  # a new pair, paid by the cheapest taken single
-            cost = float(loss_at(takers, np.full(takers.size, 2)).min())
-            cost += float(loss_at(givers, reference[givers] - 1).min())
-            bound = min(bound, cost + price * (spare - 1))
+    bound = _loss_bound(
+        feasible, reference, at_feasible, at_reference, loss_at, budget, capacity, price
+    )
     bound = max(bound, 0.0) * (1 + 1e-9) + 1e-12 * peak  # rounding must not drop x*'s choices
 
     def candidates(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -534,6 +520,50 @@ def _pruned_dp(
     drift = max(abs(spare), abs(spare - int(bound / price)))
     movers = 2 * reach + drift
     width = movers * reach
+    free_rows = _interchangeable_pruned(free_rows, p, reference, movers)
+    keep, s = candidates(free_rows)
+    options = [
+        (int(row), n[keep[t]] - reference[row], s[t, keep[t]]) for t, row in enumerate(free_rows)
+    ]
+    return _window_dp(options, reference, width, spare, price)
+
+
+def _loss_bound(
+    feasible: np.ndarray,
+    reference: np.ndarray,
+    at_feasible: np.ndarray,
+    at_reference: np.ndarray,
+    loss_at,
+    budget: int,
+    capacity: int,
+    price: float,
+) -> float:
+    """Step 1 of `_pruned_dp`: U >= L(x*), the least loss of a few feasible points."""
+    # Losses are counted relative to the reference (s_i(r_i) = 0), over the prompts
+    # that differ from it, so rounding noise of the others does not add up.
+    differ = feasible != reference
+    bound = float((at_feasible[differ] - at_reference[differ]).sum())
+    bound += price * (budget - int(feasible.sum()))
+    spare = budget - int(reference.sum())
+    if spare >= 0:  # waste the spare units
+        bound = min(bound, price * spare)
+    if spare >= 1:
+        rows = np.flatnonzero((reference >= 2) & (reference < capacity))
+        if rows.size:  # one unit on the best single increment
+            grown = float(loss_at(rows, reference[rows] + 1).min())
+            bound = min(bound, grown + price * (spare - 1))
+        takers, givers = np.flatnonzero(reference == 0), np.flatnonzero(reference >= 3)
+        if takers.size and givers.size:  # a new pair, paid by the cheapest taken single
+            cost = float(loss_at(takers, np.full(takers.size, 2)).min())
+            cost += float(loss_at(givers, reference[givers] - 1).min())
+            bound = min(bound, cost + price * (spare - 1))
+    return bound
+
+
+def _interchangeable_pruned(
+    free_rows: np.ndarray, p: np.ndarray, reference: np.ndarray, movers: int
+) -> np.ndarray:
+    """The first `movers` rows of each kind (same rate, same reference), lowest index first."""
     # Prompts with the same rate and reference are interchangeable, and an optimum
     # moves at most `movers` prompts: keep that many of each kind (lowest index first).
     _, kind = np.unique(
@@ -545,11 +575,20 @@ def _pruned_dp(
     starts = np.searchsorted(kind[order], kind[order])
     rank = np.empty(free_rows.size, dtype=np.int64)
     rank[order] = np.arange(free_rows.size) - starts
-    free_rows = free_rows[rank < movers]
-    keep, s = candidates(free_rows)
-    options = [
-        (int(row), n[keep[t]] - reference[row], s[t, keep[t]]) for t, row in enumerate(free_rows)
-    ]
+    return free_rows[rank < movers]
+
+
+def _window_dp(
+    options: list[tuple[int, np.ndarray, np.ndarray]],
+    reference: np.ndarray,
+    width: int,
+    spare: int,
+    price: float,
+) -> np.ndarray:
+    """Step 2 of `_pruned_dp`: the DP over the partial sum of moves in [-width, width].
+
+    options: (row, moves from the reference, their losses) per free prompt.
+    """
     costs = np.full(2 * width + 1, np.inf)
     costs[width] = 0.0
     picks = np.zeros((len(options), 2 * width + 1), dtype=np.int32)
@@ -800,6 +839,28 @@ def official_extra_rollouts(
     return _top_increments(inc, int(total_budget))
 
 
+def _check_choices(strategy: str, rules: str, cost_estimate: str) -> None:
+    if strategy != "knapsack":
+        raise ValueError(f"unknown allocation strategy {strategy!r}: use 'knapsack' or 'uniform'")
+    if rules not in ("exact", "official"):
+        raise ValueError(f"unknown allocation rules {rules!r}: use 'exact' or 'official'")
+    if cost_estimate not in ("confidence", "expectation"):
+        raise ValueError(
+            f"unknown cost_estimate {cost_estimate!r}: use 'confidence' or 'expectation'"
+        )
+
+
+def _fallback_need(
+    p: np.ndarray, confidence: float, cost_estimate: CostEstimate, low: int, high: int
+) -> int:
+    """Rollouts the valued prompts need in all: each one's estimate, rounded up, in [low, high]."""
+    if cost_estimate == "confidence":  # -inf, so N_low, where p rounds to 0 or 1
+        cost = rollouts_for_confidence(p, confidence)
+    else:
+        cost = estimated_rollouts(p, confidence, cost_estimate)
+    return int(np.clip(np.ceil(cost), low, high).sum())
+
+
 def allocate_rollouts(
     success_rates: np.ndarray,
     total_budget: int,
@@ -849,17 +910,11 @@ def allocate_rollouts(
     p = np.asarray(success_rates, dtype=np.float64)
     if strategy == "uniform":
         return AllocationResult(uniform_allocate(p.size, total_budget), 0, 0)
-    if strategy != "knapsack":
-        raise ValueError(f"unknown allocation strategy {strategy!r}: use 'knapsack' or 'uniform'")
-    if rules not in ("exact", "official"):
-        raise ValueError(f"unknown allocation rules {rules!r}: use 'exact' or 'official'")
-    if cost_estimate not in ("confidence", "expectation"):
-        raise ValueError(
-            f"unknown cost_estimate {cost_estimate!r}: use 'confidence' or 'expectation'"
-        )
+    _check_choices(strategy, rules, cost_estimate)
     solved_rollouts = min_rollouts if solved_rollouts is None else solved_rollouts
-    negative_rollouts = solved_rollouts if negative_rollouts is None else negative_rollouts
-    positive_rollouts = solved_rollouts if positive_rollouts is None else positive_rollouts
+    negative_rollouts, positive_rollouts = (
+        solved_rollouts if n is None else n for n in (negative_rollouts, positive_rollouts)
+    )
     if rules == "official":
         return _allocate_official(
             p,
@@ -893,12 +948,10 @@ def allocate_rollouts(
 
     knapsack_budget = available
     if fallback_confidence is not None and valued.any():
-        if cost_estimate == "confidence":  # as before (-inf, so N_low, where p rounds to 0 or 1)
-            cost = rollouts_for_confidence(p[valued], fallback_confidence)
-        else:
-            cost = estimated_rollouts(p[valued], fallback_confidence, cost_estimate)
-        need = np.clip(np.ceil(cost), min_rollouts, max_rollouts)
-        knapsack_budget = min(available, int(need.sum()))
+        need = _fallback_need(
+            p[valued], fallback_confidence, cost_estimate, min_rollouts, max_rollouts
+        )
+        knapsack_budget = min(available, need)
     if valued.any():
         allocation[valued] = knapsack_allocate(
             p[valued], knapsack_budget, min_rollouts, max_rollouts
