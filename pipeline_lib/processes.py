@@ -265,6 +265,26 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def exit_on_sigterm() -> bool:
+    """Make SIGTERM raise SystemExit(143) (so `finally` and `close()` run) where it would
+    kill the process outright: in the main thread, when no handler is installed yet.
+
+    Returns whether the handler was installed. Used by objects that start processes of
+    their own (the vLLM engine, the update worker group).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    return True
+
+
+def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise SystemExit(128 + signum)
+
+
 def stop_children(
     pids: Iterable[int], grace_s: float = 10.0, wait: Callable[[], None] | None = None
 ) -> int:
