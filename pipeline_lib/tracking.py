@@ -10,12 +10,24 @@ keep logging into the same run.
 
 Non-finite metric values (NaN, +-inf) are logged, not dropped: a diverged loss must
 show in the run. MLflow's SQL store keeps NaN and clamps +-inf to +-max float.
+
+A tracking server that stops answering does not stop training: `MlflowTracker` keeps
+what it could not send (metrics, params, tags, and figures and artifacts staged as
+local copies), tries again at most every `retry_after_s`, and sends it all, in order,
+once the server is back; at the end of the run it waits up to `final_flush_timeout_s`
+for the server before giving up with an error naming what was not sent. How long
+one attempt may block is MLflow's own setting (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+MLFLOW_HTTP_REQUEST_TIMEOUT).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -30,6 +42,19 @@ MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_PARAMS_OR_TAGS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 PARENT_RUN_TAG = "mlflow.parentRunId"
+RETRY_AFTER_S = 10.0  # while the server is unreachable, try again at most this often
+FINAL_FLUSH_TIMEOUT_S = 120.0  # at the end of a run, wait this long for the server
+
+# What MLflow's REST client says when the server is down, restarting or overloaded.
+UNREACHABLE_MARKERS = (
+    "Max retries exceeded",
+    "Connection refused",
+    "ConnectionError",
+    "Read timed out",
+    "error code 5",
+)
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -107,21 +132,42 @@ class MlflowTracker:
     Build it with `MlflowTracker.start(...)`, which also ends the run. Metrics can be
     buffered for `flush_every` `log_metrics` calls and written in one batch: on a sqlite
     store a write costs tens of ms whatever its size. Buffered metrics are written when
-    the run ends, also when it fails; only a hard kill loses them.
+    the run ends, also when it fails; only a hard kill loses them. Whatever the server
+    refuses to take because it cannot be reached waits in the buffer (module docstring).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 1) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        flush_every: int = 1,
+        *,
+        retry_after_s: float = RETRY_AFTER_S,
+        final_flush_timeout_s: float = FINAL_FLUSH_TIMEOUT_S,
+    ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self._client = client
         self._run_id = run_id
         self._flush_every = flush_every
+        self._retry_after_s = retry_after_s
+        self._final_flush_timeout_s = final_flush_timeout_s
         self._pending_metrics: list[Any] = []
         self._pending_calls = 0
+        # Calls the server has not taken yet, in order: ("batch", kwargs) or ("artifact", ...).
+        self._backlog: list[tuple[str, Any]] = []
+        self._unreachable_since: float | None = None
+        self._last_attempt = 0.0
+        self._staging: Path | None = None  # local copies of artifacts not yet uploaded
 
     @property
     def run_id(self) -> str:
         return self._run_id
+
+    @property
+    def backlog_size(self) -> int:
+        """Calls (batches and artifacts) waiting for the server, buffered metrics aside."""
+        return len(self._backlog)
 
     @classmethod
     @contextmanager
@@ -167,7 +213,7 @@ class MlflowTracker:
 
         entries = [Param(k, v) for k, v in flatten_params(params).items()]
         for chunk in _chunks(entries, MAX_PARAMS_OR_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, params=chunk)
+            self._send("batch", {"params": chunk})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -178,33 +224,134 @@ class MlflowTracker:
         ]
         self._pending_calls += 1
         if self._pending_calls >= self._flush_every:
-            self.flush()
+            self._queue_pending_metrics()
+            self._drain(force=False)
 
     def flush(self) -> None:
-        """Write buffered metrics now, in as few batches as MLflow allows."""
+        """Write buffered metrics now, in as few batches as MLflow allows.
+
+        While the server is unreachable they stay queued (tried again later); raises only
+        the errors of a server that answers (bad request, unknown run...).
+        """
+        self._queue_pending_metrics()
+        self._drain(force=True)
+
+    def _queue_pending_metrics(self) -> None:
         pending, self._pending_metrics, self._pending_calls = self._pending_metrics, [], 0
         # One batch = one store transaction; ~20x cheaper than a call per metric on sqlite.
         for chunk in _chunks(pending, MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self._run_id, metrics=chunk)
+            self._backlog.append(("batch", {"metrics": chunk}))
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._backlog.append((kind, payload))
+        self._drain(force=False)
+
+    def _drain(self, *, force: bool) -> bool:
+        """Send the backlog in order; True when it is empty. Stops at an unreachable server."""
+        if not self._backlog:
+            return True
+        now = time.monotonic()
+        if (
+            not force
+            and self._unreachable_since is not None
+            and now - self._last_attempt < self._retry_after_s
+        ):
+            return False
+        self._last_attempt = now
+        while self._backlog:
+            kind, payload = self._backlog[0]
+            try:
+                if kind == "batch":
+                    self._client.log_batch(self._run_id, **payload)
+                else:
+                    local_path, artifact_path = payload
+                    self._upload(local_path, artifact_path)
+            except Exception as error:
+                if not _is_unreachable(error):
+                    self._backlog.pop(0)  # the server answered and refused: do not resend
+                    raise
+                if self._unreachable_since is None:
+                    self._unreachable_since = now
+                    logger.warning(
+                        "MLflow server unreachable (%s); buffering and retrying every %.0f s",
+                        type(error).__name__,
+                        self._retry_after_s,
+                    )
+                return False
+            self._backlog.pop(0)
+        if self._unreachable_since is not None:
+            logger.warning(
+                "MLflow server back after %.0f s; buffered records sent",
+                now - self._unreachable_since,
+            )
+            self._unreachable_since = None
+        self._clear_staging()
+        return True
+
+    def _finish(self) -> None:
+        """Send everything left, waiting up to `final_flush_timeout_s` for the server."""
+        self._queue_pending_metrics()
+        deadline = time.monotonic() + self._final_flush_timeout_s
+        while not self._drain(force=True):
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"MLflow run {self._run_id}: the server did not come back within "
+                    f"{self._final_flush_timeout_s:.0f} s; {len(self._backlog)} buffered "
+                    "calls (metrics, params, tags, artifacts) were not sent"
+                )
+            time.sleep(min(self._retry_after_s, 2.0))
+
+    def _stage(self, name: str) -> Path:
+        """A local path to keep a copy of an artifact until the server takes it."""
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="mlflow-backlog-"))
+        path = self._staging / f"{len(self._backlog)}-{time.monotonic_ns()}" / name
+        path.parent.mkdir(parents=True)
+        return path
+
+    def _clear_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _upload(self, local_path: str, artifact_path: str | None) -> None:
+        if Path(local_path).is_dir():
+            self._client.log_artifacts(self._run_id, local_path, artifact_path)
+        else:
+            self._client.log_artifact(self._run_id, local_path, artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         entries = [RunTag(k, str(v)) for k, v in tags.items()]
         for chunk in _chunks(entries, MAX_PARAMS_OR_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, tags=chunk)
+            self._send("batch", {"tags": chunk})
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        self._client.log_figure(self._run_id, figure, artifact_file)
+        # Saved locally first: the figure may be changed or closed before the upload.
+        local = self._stage(Path(artifact_file).name)
+        figure.savefig(local)
+        self._send("artifact", (str(local), _artifact_dir(artifact_file)))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        if Path(local_path).is_dir():
-            self._client.log_artifacts(self._run_id, str(local_path), artifact_path)
-        else:
-            self._client.log_artifact(self._run_id, str(local_path), artifact_path)
+        if self._backlog:  # the server is away: keep a copy as the file is now
+            local = self._stage(Path(local_path).name)
+            if Path(local_path).is_dir():
+                shutil.copytree(local_path, local)
+            else:
+                shutil.copy2(local_path, local)
+            local_path = local
+        self._send("artifact", (str(local_path), artifact_path))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self._client.log_dict(self._run_id, obj, artifact_file)
+        local = self._stage(Path(artifact_file).name)
+        if local.suffix in (".yaml", ".yml"):
+            import yaml
+
+            local.write_text(yaml.safe_dump(obj, sort_keys=False))
+        else:
+            local.write_text(json.dumps(obj, indent=2))
+        self._send("artifact", (str(local), _artifact_dir(artifact_file)))
 
     def child(
         self, run_name: str, tags: Mapping[str, Any] | None = None
@@ -328,9 +475,33 @@ def _ending_run(tracker: MlflowTracker) -> Iterator[MlflowTracker]:
         raise
     finally:
         try:
-            tracker.flush()  # the last steps before a crash are the ones worth reading
+            tracker._finish()  # the last steps before a crash are the ones worth reading
         finally:
+            tracker._clear_staging()
             tracker._client.set_terminated(tracker.run_id, status=status)
+
+
+def _artifact_dir(artifact_file: str) -> str | None:
+    """`plots/allocation.png` -> `plots`; `a.png` -> None (the run's artifact root)."""
+    parent = str(Path(artifact_file).parent)
+    return None if parent == "." else parent
+
+
+def _is_unreachable(error: Exception) -> bool:
+    """Whether `error` says the tracking server could not be reached (vs. refused a call)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, MlflowException):
+        text = str(error)
+        if re.search(r"error code 4\d\d", text):  # the server answered: a bad request
+            return False
+        return any(marker in text for marker in UNREACHABLE_MARKERS)
+    return False
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

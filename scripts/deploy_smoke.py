@@ -9,7 +9,12 @@ temporary git + DVC repository, so the run never touches your workspace. In that
 work pool, a process worker, `prefect deploy --name local`, and
 `prefect deployment run 'pipeline/local' --watch` with overrides small enough for a few
 minutes on 2 CPU cores. Prints the final state and exits 0 only when it is Completed.
-Everything it started is stopped by PID, the worker before the server.
+
+Everything it started is stopped, the worker before the server, also on an error, on
+Ctrl-C and on SIGTERM or SIGHUP to its process group: a `pipeline_lib.processes.Supervisor`
+marks every process below this one (server, worker, flow run, `dvc exp run`, the stage's
+python) and stops them all by PID, whatever session they started; a watchdog process
+does the same if this script is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +36,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from with_prefect_server import prefect_server, stop  # noqa: E402
+
+from pipeline_lib.processes import Supervisor  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = ("flows", "tasks", "pipeline_lib", "scripts")
@@ -142,10 +151,15 @@ def base_env(workdir: Path) -> dict[str, str]:
     )
 
 
-def start_worker(pool: str, cwd: Path, env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
-    """`prefect worker start` in its own process group (so `stop` reaches its flow runs)."""
+def start_worker(
+    pool: str, cwd: Path, env: Mapping[str, str], log_path: Path, supervisor: Supervisor
+) -> subprocess.Popen:
+    """`prefect worker start` in its own process group, tracked by `supervisor`.
+
+    Its flow runs start their own sessions; they carry the supervisor's launch mark.
+    """
     with log_path.open("w") as log:
-        return subprocess.Popen(
+        return supervisor.popen(
             [
                 sys.executable,
                 "-m",
@@ -168,14 +182,25 @@ def start_worker(pool: str, cwd: Path, env: Mapping[str, str], log_path: Path) -
 
 
 @contextmanager
-def deployment_stack(workdir: Path) -> Iterator[Stack]:
-    """Project copy, server, work pool, worker and deployment; stopped worker-first on exit."""
-    env = base_env(workdir)
+def deployment_stack(workdir: Path, supervisor: Supervisor | None = None) -> Iterator[Stack]:
+    """Project copy, server, work pool, worker and deployment; stopped worker-first on exit.
+
+    Without a `supervisor` (e.g. in a pytest fixture) the stack gets its own, which
+    stops only what the stack started, on exit and on SIGTERM.
+    """
+    if supervisor is None:
+        with Supervisor(
+            signals=(signal.SIGTERM, signal.SIGHUP), mark_environment=False, kill_descendants=False
+        ) as own:
+            with deployment_stack(workdir, own) as stack:
+                yield stack
+        return
+    env = supervisor.env(base_env(workdir))
     project = copy_project(workdir / "project", env)
     # The project copy comes first on the path of the flow run and of DVC's stage commands
     # (the venv may hold an editable install of the workspace itself).
     env["PYTHONPATH"] = str(project)
-    with prefect_server(env=env) as api_url:
+    with prefect_server(env=env, supervisor=supervisor) as api_url:
         env["PREFECT_API_URL"] = api_url
         run_cli(
             ["prefect", "--no-prompt", "work-pool", "create", POOL, "--type", "process"],
@@ -183,7 +208,7 @@ def deployment_stack(workdir: Path) -> Iterator[Stack]:
             env,
         )
         worker_log = workdir / "worker.log"
-        worker = start_worker(POOL, project, env, worker_log)
+        worker = start_worker(POOL, project, env, worker_log, supervisor)
         print(f"worker (pid {worker.pid}) on pool {POOL}, log {worker_log}", file=sys.stderr)
         try:
             run_cli(
@@ -271,10 +296,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary project")
     args = parser.parse_args(argv)
+    with Supervisor(watchdog=True) as supervisor:
+        return _smoke(args.keep, supervisor)
+
+
+def _smoke(keep: bool, supervisor: Supervisor) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="knapsack-deploy-smoke-"))
     started = time.monotonic()
     try:
-        with deployment_stack(workdir) as stack:
+        with deployment_stack(workdir, supervisor) as stack:
             print(
                 f"deployed {DEPLOYMENT} from {stack.project} ({time.monotonic() - started:.0f} s)",
                 file=sys.stderr,
@@ -294,7 +324,7 @@ def main(argv: list[str]) -> int:
         print(f"deploy smoke took {time.monotonic() - started:.0f} s")
         return 0 if result.state == "Completed" else 1
     finally:
-        if args.keep:
+        if keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)

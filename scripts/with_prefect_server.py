@@ -5,8 +5,13 @@
 Every DVC stage is a separate process; without a server each would start Prefect's
 temporary one (15-40 s apiece). This starts one on 127.0.0.1 (a free port, state in
 PREFECT_HOME, so the flow runs stay browsable with `prefect server start`), points
-PREFECT_API_URL at it for the command, and stops it by PID afterwards, also when
-the command fails or is interrupted.
+PREFECT_API_URL at it for the command, and stops it afterwards.
+
+Clean shutdown: a `pipeline_lib.processes.Supervisor` marks every process started
+below this one (the server in its own session, `dvc`, the stages, vLLM's engine
+core) and stops all of them on normal or failed exit, on Ctrl-C (SIGINT to the
+foreground process group), on SIGTERM or SIGHUP, and through a watchdog process
+after a SIGKILL of this script.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+
+# This checkout's library, not whatever copy the environment has installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline_lib.processes import Supervisor  # noqa: E402
 
 
 def free_port() -> int:
@@ -55,10 +65,16 @@ def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 
 @contextmanager
-def prefect_server(timeout_s: float = 180.0, env: Mapping[str, str] | None = None) -> Iterator[str]:
+def prefect_server(
+    timeout_s: float = 180.0,
+    env: Mapping[str, str] | None = None,
+    supervisor: Supervisor | None = None,
+) -> Iterator[str]:
     """Start `prefect server start` on loopback; yield its API URL; stop it on exit.
 
     `env` replaces the inherited environment (e.g. to give the server its own PREFECT_HOME).
+    With a `supervisor`, the server carries its launch mark and is tracked by it, so an
+    interrupted launcher stops it too.
     """
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
@@ -66,7 +82,8 @@ def prefect_server(timeout_s: float = 180.0, env: Mapping[str, str] | None = Non
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
     }
-    process = subprocess.Popen(
+    launch = supervisor.popen if supervisor is not None else subprocess.Popen
+    process = launch(
         [
             sys.executable,
             "-m",
@@ -97,10 +114,13 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    if os.environ.get("PREFECT_API_URL"):  # a server is already configured: use it
-        return subprocess.call(argv)
-    with prefect_server() as api_url:
-        return subprocess.call(argv, env=os.environ | {"PREFECT_API_URL": api_url})
+    with Supervisor(watchdog=True) as supervisor:
+        if os.environ.get("PREFECT_API_URL"):  # a server is already configured: use it
+            return supervisor.popen(argv).wait()
+        with prefect_server(supervisor=supervisor) as api_url:
+            # In this process group: Ctrl-C in the terminal reaches the command directly.
+            command = supervisor.popen(argv, env=os.environ | {"PREFECT_API_URL": api_url})
+            return command.wait()
 
 
 if __name__ == "__main__":

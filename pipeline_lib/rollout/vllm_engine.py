@@ -8,6 +8,7 @@ device is visible.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -15,8 +16,10 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+import psutil
 import torch
 
+from pipeline_lib.processes import exit_on_sigterm, stop_children
 from pipeline_lib.rollout.base import (
     Completion,
     GenerationStats,
@@ -123,6 +126,8 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(engine_kwargs or {})
         started = time.perf_counter()
+        # A SIGTERM must end this process through `close()`, or the engine core outlives it.
+        exit_on_sigterm()
         self._llm: Any = LLM(model=model_dir, **kwargs)
         # The first request pays one-off costs (seconds on CPU); pay them here so
         # that the first rollout step's tokens/s is comparable to the others.
@@ -226,13 +231,24 @@ class VLLMEngine:
         embeddings? (See `WeightSyncExtension.output_layer_matches_embeddings`.)"""
         return all(self._require_open().collective_rpc("output_layer_matches_embeddings"))
 
-    def close(self) -> None:
+    def close(self, *, grace_s: float = 10.0) -> None:
+        """Stop the engine-core process and everything it started; idempotent.
+
+        vLLM's own shutdown asks the engine core to stop (SIGTERM, 5 s); whatever
+        process of the engine is still alive `grace_s` later is SIGKILLed by PID, so no
+        engine process outlives the engine, even one that ignored the request.
+        """
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        engine_core = llm.llm_engine.engine_core
+        pids = _engine_process_ids(engine_core)
+        try:
+            engine_core.shutdown()
+        finally:
+            del llm, engine_core
+            gc.collect()
+            stop_children(pids, grace_s=grace_s)
 
     def __enter__(self) -> Self:
         return self
@@ -249,6 +265,18 @@ class VLLMEngine:
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         return self._llm
+
+
+def _engine_process_ids(engine_core: Any) -> list[int]:
+    """PIDs of the engine-core processes behind vLLM's client, and of their descendants."""
+    resources = getattr(engine_core, "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    pids = [p.pid for p in getattr(manager, "processes", []) if p.pid is not None]
+    descendants = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            descendants += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    return pids + descendants
 
 
 def _decode(token_ids: list[Sequence[int]], tokenizer: Any) -> list[str]:

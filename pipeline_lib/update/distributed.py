@@ -17,6 +17,7 @@ weights and sends them back, and the loop loads them into its copy.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -30,6 +31,7 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 
+from pipeline_lib.processes import exit_on_sigterm
 from pipeline_lib.update.core import (
     BatchNorms,
     UpdateBatch,
@@ -85,6 +87,8 @@ class AccelerateUpdateGroup:
             )
         self._model = model
         self._num_processes = num_processes
+        # A SIGTERM must end this process through `close()`, or the workers outlive it.
+        exit_on_sigterm()
         context = mp.get_context("spawn")
         self._commands = [context.Queue() for _ in range(num_processes)]
         self._results: Any = context.Queue()
@@ -153,17 +157,28 @@ class AccelerateUpdateGroup:
         )
 
     def close(self, *, grace_s: float = 30.0) -> None:
-        """Stop the workers: ask, wait up to `grace_s`, then terminate what is left."""
-        for worker, commands in zip(self._workers, self._commands, strict=True):
+        """Stop the workers: ask, wait up to `grace_s`, then SIGTERM, then SIGKILL; idempotent.
+
+        Every worker is joined (or killed) before this returns, so none outlives the group.
+        """
+        workers, self._workers = self._workers, []
+        for worker, commands in zip(workers, self._commands, strict=True):
             if worker.is_alive():
-                commands.put(("stop", None))
+                with contextlib.suppress(OSError, ValueError):
+                    commands.put(("stop", None))
         deadline = time.monotonic() + grace_s
-        for worker in self._workers:
+        for worker in workers:
             worker.join(timeout=max(deadline - time.monotonic(), 0.1))
+        for worker in workers:
             if worker.is_alive():
                 worker.terminate()
-                worker.join(timeout=10)
-        self._workers = []
+                worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        # Queues with unsent items would make this process wait for them at exit.
+        for channel in (*self._commands, self._results):
+            channel.cancel_join_thread()
 
     def _broadcast(self, command: str, payload: Any) -> list[Any]:
         if not self._workers:

@@ -5,7 +5,9 @@ component gets its own free port on 127.0.0.1 (gRPC at HTTP + 10000, SeaweedFS's
 convention, which its admin worker assumes), the data lives in a temporary folder, and
 the S3 gateway accepts one identity read from an `-s3.config` file: unsigned or wrongly
 signed requests are refused, as on a real store. The server runs in its own process
-group and is stopped by that group's id, never by name.
+group and is stopped by that group's id, never by name; `running_s3_server` also gives
+it to a `pipeline_lib.processes.Supervisor`, so a SIGTERM to the test process, or a
+SIGKILL of it (through the supervisor's watchdog), stops the server as well.
 
 Use `running_s3_server(folder)` as a context manager (in a fixture), then make the
 buckets the test needs (`make_bucket`): `dvc push` does not make buckets, and neither
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from pipeline_lib.processes import Supervisor
 
 GRPC_OFFSET = 10000  # SeaweedFS derives a component's gRPC port as its HTTP port + 10000
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")
@@ -82,6 +86,7 @@ class S3Server:
     region: str = REGION
     startup_s: float = 0.0
     process: subprocess.Popen | None = field(default=None, repr=False)
+    supervisor: Supervisor | None = field(default=None, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
@@ -169,7 +174,8 @@ class S3Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - closed with the process
         started = time.monotonic()
-        self.process = subprocess.Popen(
+        launch = self.supervisor.popen if self.supervisor is not None else subprocess.Popen
+        self.process = launch(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log.close()
@@ -230,19 +236,28 @@ def running_s3_server(folder: Path, *, seed: int | None = None) -> Iterator[S3Se
     """
     rng = random.Random(seed)
     last_error: Exception | None = None
-    for _ in range(3):
-        ports = dict(zip(COMPONENTS, free_port_pairs(len(COMPONENTS), rng), strict=True))
-        server = S3Server(f"http://127.0.0.1:{ports['s3']}", folder, ports)
-        try:
-            server.start()
-        except RuntimeError as error:  # exited early: most likely a port race
-            last_error = error
-            continue
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
+    # Only what this server starts: the test process's other children are not ours.
+    supervisor = Supervisor(
+        signals=(signal.SIGTERM, signal.SIGHUP),
+        mark_environment=False,
+        kill_descendants=False,
+        watchdog=True,
+    )
+    with supervisor:
+        for _ in range(3):
+            ports = dict(zip(COMPONENTS, free_port_pairs(len(COMPONENTS), rng), strict=True))
+            server = S3Server(f"http://127.0.0.1:{ports['s3']}", folder, ports)
+            server.supervisor = supervisor
+            try:
+                server.start()
+            except RuntimeError as error:  # exited early: most likely a port race
+                last_error = error
+                continue
+            try:
+                yield server
+            finally:
+                server.stop()
+            return
     raise RuntimeError(f"weed mini did not start in 3 tries: {last_error}")
 
 
