@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # Prefect's state (flow runs, cached task results) stays in the repository.
 export PREFECT_HOME := $(CURDIR)/.prefect
 
-.PHONY: run test test-fast bench mlflow-ui install lock
+.PHONY: run test test-fast bench mlflow-ui install lock results plots
 
 install: $(STAMP)
 
@@ -49,8 +49,11 @@ lock:
 		--index-strategy unsafe-best-match --no-header -o $(LOCK)
 
 # One Prefect server for all stages (stopped afterwards); the venv first on PATH for DVC.
+# `make run` rewrites the tracked results (metrics/, dvc.lock); `git diff` shows what changed.
+# Then the final dvc.lock goes into the pipeline's MLflow runs (DVC writes it after each stage).
 run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/with_prefect_server.py -- dvc repro
+	$(BIN)/python scripts/record_final_lock.py
 
 # pytest exits 5 when it collects no tests: that is a broken suite, not a pass.
 test: $(STAMP)
@@ -64,8 +67,25 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_allocation.py
 
+# The headline table, `dvc exp show` cut to the columns that matter, `dvc metrics diff`
+# against the committed reference (RESULTS_REV, default HEAD).
+RESULTS_REV ?= HEAD
+results: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results.py --rev $(RESULTS_REV)
+
+# dvc_plots/index.html with Vega inlined: renders offline (`dvc plots show`'s page needs a CDN).
+plots: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/plots_offline.py
+
+# One worker: MLflow's default of 4 takes over a minute to start on a 2-core laptop and a
+# single user needs no more. The link opens the experiment on its training runs, not
+# MLflow 3's GenAI (traces) view.
+MLFLOW_PORT ?= 5000
+MLFLOW_WORKERS ?= 1
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@echo "MLflow UI: $$($(BIN)/python scripts/mlflow_link.py http://127.0.0.1:$(MLFLOW_PORT))"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 \
+		--port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
 
 # --- deployments and Docker ---
 # Prefect deployments of the pipeline flow are in prefect.yaml; the images and the team
@@ -125,8 +145,10 @@ PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 
 .PHONY: prefect-server prefect-worker deploy
 
+# PREFECT_UI_API_URL: the UI's pages call the API on this port, not Prefect's default 4200.
 prefect-server: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+		$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # The venv first on PATH: flow runs call `dvc`, whose stages call `python -m flows.<stage>`.
 prefect-worker: $(STAMP)

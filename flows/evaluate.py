@@ -1,4 +1,10 @@
-"""Stage `evaluate`: the starting and trained policies on every held-out benchmark."""
+"""Stage `evaluate`: the starting and trained policies on every held-out benchmark.
+
+Besides `metrics/summary.json` and `metrics/eval.json`, it writes the answer into MLflow:
+the pipeline's parent run gets the headline numbers, `summary.json` and a description
+with the results table and links to the stage runs; each strategy's training run gets
+its train config and its held-out results, so MLflow's Compare shows them side by side.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,30 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import load_stage_config, run_flow_cli
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.results import markdown_table
 from tasks.engines import open_engine
 from tasks.evaluate import evaluate_policy
 from tasks.hashing import content_hash
 from tasks.prepare import SYNTHETIC_BENCHMARK, TRAIN_FILE
-from tasks.tracking import stage_run
+from tasks.tracking import (
+    NOTE_TAG,
+    append_to_run,
+    pipeline_description,
+    pipeline_parent,
+    stage_links,
+    stage_run,
+    strategy_runs,
+)
 
 SUMMARY = Path("metrics/summary.json")
+EVAL = Path("metrics/eval.json")
+# metrics/train.json names (and the names it had before they lost their `mean_` prefix).
+TRAIN_KEYS = {
+    "effective_gradient_ratio": "mean_effective_gradient_ratio",
+    "rollout_tokens_per_second": "rollout_tokens_per_second",
+    "step_seconds": "mean_step_seconds",
+}
 
 
 @flow(name="evaluate", log_prints=True)
@@ -44,18 +67,67 @@ def evaluate(params_path: str = "params.yaml", overrides: dict | None = None) ->
                 )
                 results.setdefault(name, {})[bench.stem] = metrics
                 tracker.log_metrics(
-                    {mlflow_name(f"eval/{name}/{bench.stem}/{k}"): v for k, v in metrics.items()}
+                    {mlflow_name(f"heldout/{name}/{bench.stem}/{k}"): v for k, v in metrics.items()}
                 )
                 print(f"{name} on {bench.stem}: accuracy {metrics['accuracy']:.3f}")
         summary = summarize(results, benchmarks, config.train.strategies)
         SUMMARY.parent.mkdir(exist_ok=True)
         SUMMARY.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        Path("metrics/eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        EVAL.write_text(json.dumps(eval_metrics(results), indent=2, sort_keys=True))
         tracker.log_artifact(str(SUMMARY), "metrics")
-        tracker.log_metrics(
-            {f"summary/{k}": v for k, v in summary.items() if isinstance(v, int | float)}
-        )
+        tracker.log_artifact(str(EVAL), "metrics")
+        main = main_benchmark(benchmarks)
+        tracker.set_tags({"benchmark": main})
+        log_pipeline_result(config, summary, results, main)
     return summary
+
+
+def log_pipeline_result(
+    config: PipelineConfig, summary: dict[str, float], results: dict, benchmark: str
+) -> None:
+    """The answer into MLflow: the parent run (headline, summary.json, description with the
+    table and stage links) and each strategy's training run (config, held-out results)."""
+    parent = pipeline_parent(config)
+    if parent is None:
+        return
+    strategies = config.train.strategies
+    for strategy, run_id in strategy_runs(config, parent).items():
+        if strategy not in results:
+            continue
+        run = append_to_run(config, run_id)
+        run.log_params({"train": config.train.model_dump(mode="json"), "seed": config.seed})
+        run.log_metrics(
+            {
+                mlflow_name(f"heldout/{bench}/{key}"): value
+                for bench, metrics in results[strategy].items()
+                for key, value in metrics.items()
+            }
+        )
+        run.set_tags({"benchmark": benchmark})
+    run = append_to_run(config, parent)
+    run.log_metrics(summary)
+    run.log_artifact(str(SUMMARY), "metrics")
+    table = f"Held-out results on `{benchmark}`:\n\n" + markdown_table(summary, strategies)
+    results_text = table + "\n\n" + stage_links(config, parent)
+    run.set_tags({NOTE_TAG: pipeline_description(config, results_text), "benchmark": benchmark})
+
+
+def main_benchmark(benchmarks: list[Path]) -> str:
+    """The benchmark the headline numbers come from: the synthetic one, else the first."""
+    names = [b.stem for b in benchmarks]
+    return SYNTHETIC_BENCHMARK if SYNTHETIC_BENCHMARK in names else names[0]
+
+
+def eval_metrics(results: dict) -> dict:
+    """metrics/eval.json: the results less pass@1, which is the accuracy under another name
+    (the unbiased pass@1 estimate is the mean success over the k samples)."""
+    return {
+        policy: {
+            bench: {k: v for k, v in metrics.items() if k != "pass@1"}
+            for bench, metrics in per_bench.items()
+        }
+        for policy, per_bench in results.items()
+    }
 
 
 def mlflow_name(key: str) -> str:
@@ -66,27 +138,26 @@ def mlflow_name(key: str) -> str:
 def summarize(
     results: dict, benchmarks: list[Path], strategies: tuple[str, ...]
 ) -> dict[str, float]:
-    """The headline numbers: accuracy on the main benchmark per policy, training ratios, speed."""
-    names = [b.stem for b in benchmarks]
-    main = SYNTHETIC_BENCHMARK if SYNTHETIC_BENCHMARK in names else names[0]
-    summary = {"benchmark": main, "start_accuracy": results["start"][main]["accuracy"]}
+    """The headline numbers (all floats): accuracy with its 95 % interval on the main
+    benchmark per policy, each strategy's training facts from metrics/train.json, and
+    knapsack's effective-gradient ratio over uniform's."""
+    main = main_benchmark(benchmarks)
+    summary = {"start_accuracy": results["start"][main]["accuracy"]}
     train_summary_path = Path("metrics/train.json")
     train_summary = (
         json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
     )
     for strategy in strategies:
-        summary[f"{strategy}_accuracy"] = results[strategy][main]["accuracy"]
-        summary[f"{strategy}_accuracy_ci_low"] = results[strategy][main]["accuracy_ci_low"]
-        summary[f"{strategy}_accuracy_ci_high"] = results[strategy][main]["accuracy_ci_high"]
+        for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high"):
+            summary[f"{strategy}_{key}"] = results[strategy][main][key]
         trained = train_summary.get(strategy, {})
-        for key in (
-            "mean_effective_gradient_ratio",
-            "rollout_tokens_per_second",
-            "mean_step_seconds",
-        ):
-            if key in trained:
-                short = key.removeprefix("mean_")
-                summary[f"{strategy}_{short}"] = trained[key]
+        for name, legacy in TRAIN_KEYS.items():
+            value = trained.get(name, trained.get(legacy))
+            if value is not None:
+                summary[f"{strategy}_{name}"] = value
+    ratios = [summary.get(f"{s}_effective_gradient_ratio") for s in ("knapsack", "uniform")]
+    if None not in ratios and ratios[1] > 0:
+        summary["effective_gradient_ratio_gain"] = ratios[0] / ratios[1]
     return summary
 
 

@@ -64,9 +64,27 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
             training_curves(strategy_steps(steps), tuple(CURVES.values())), CURVES_PNG
         )
     Path("metrics").mkdir(exist_ok=True)
-    Path("metrics/train.json").write_text(json.dumps(summaries, indent=2))
+    Path("metrics/train.json").write_text(json.dumps(train_metrics(summaries), indent=2))
     write_curves(steps)
     return summaries
+
+
+# train_strategy's summary key -> metrics/train.json name. Numbers only (no paths), and
+# not the in-training held-out accuracy: the evaluate stage's accuracy is the one result
+# (metrics/summary.json); the curve of the in-training one is metrics/curves/accuracy.csv.
+TRAIN_METRICS = {
+    "mean_effective_gradient_ratio": "effective_gradient_ratio",
+    "rollout_tokens_per_second": "rollout_tokens_per_second",
+    "mean_step_seconds": "step_seconds",
+}
+
+
+def train_metrics(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """metrics/train.json: per strategy, the training facts DVC compares between runs."""
+    return {
+        strategy: {name: float(summary[key]) for key, name in TRAIN_METRICS.items()}
+        for strategy, summary in summaries.items()
+    }
 
 
 CURVES = {

@@ -1,0 +1,92 @@
+"""`dvc plots show` (or `dvc plots diff REV ...`) as one HTML page that renders offline.
+
+    python scripts/plots_offline.py                 # dvc_plots/index.html, the workspace
+    python scripts/plots_offline.py HEAD~1 HEAD     # dvc plots diff of two revisions
+
+DVC's own page loads Vega, Vega-Lite and Vega-Embed from a CDN, so without a network
+it stays blank. This passes DVC an HTML template (`--html-template`) that inlines the
+three libraries instead; the template has no `{scripts}` placeholder, so DVC's CDN
+tags are left out. The libraries come from the pinned `vl-convert-python` package
+(`vl_convert.javascript_bundle`, which sets `vega`, `vegaLite` and `vegaEmbed` on
+`window`): nothing is downloaded when the page is built or opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# The Vega-Lite major version DVC's templates declare ($schema .../vega-lite/v5.json).
+VEGA_LITE_VERSION = "5.20"
+OUTPUT_DIR = Path("dvc_plots")
+
+PAGE = """<!DOCTYPE html>
+<html>
+<head>
+  <meta charset="utf-8">
+  {refresh_tag}
+  <title>knapsack-rl: DVC plots</title>
+  <!-- Vega, Vega-Lite, Vega-Embed inlined (vl-convert-python @VERSION@): no CDN -->
+  <script>
+@BUNDLE@
+  </script>
+  <style>body { font-family: sans-serif; margin: 1.5em; } h1 { font-size: 1.2em; }</style>
+</head>
+<body>
+  <h1>knapsack-rl training curves</h1>
+  {plot_divs}
+</body>
+</html>
+"""
+
+
+def vega_bundle() -> tuple[str, str]:
+    """The JavaScript of Vega + Vega-Lite + Vega-Embed, and the vl-convert version."""
+    try:
+        import vl_convert
+    except ImportError as error:  # pragma: no cover - the lock installs it
+        raise SystemExit(
+            "vl-convert-python is missing: `make install` installs requirements/lock-cpu.txt"
+        ) from error
+    bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
+    if "</script" in bundle:
+        raise RuntimeError("the Vega bundle contains '</script': it cannot be inlined as is")
+    return bundle, vl_convert.__version__
+
+
+def html_template(bundle: str, vl_convert_version: str) -> str:
+    """A DVC HTML template: `{plot_divs}` (and `{refresh_tag}`) filled by DVC, no `{scripts}`."""
+    return PAGE.replace("@VERSION@", vl_convert_version).replace("@BUNDLE@", bundle)
+
+
+def dvc_command(revisions: list[str], template: Path, out_dir: Path) -> list[str]:
+    verb = ["plots", "diff", *revisions] if revisions else ["plots", "show"]
+    return ["dvc", *verb, "--html-template", str(template), "-o", str(out_dir)]
+
+
+def write_plots(revisions: list[str], out_dir: Path = OUTPUT_DIR) -> Path:
+    """Render the plots of `dvc.yaml` to `out_dir/index.html`; return its path."""
+    bundle, version = vega_bundle()
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "offline.html"
+        template.write_text(html_template(bundle, version), encoding="utf-8")
+        env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+        subprocess.run(dvc_command(revisions, template, out_dir), check=True, env=env)
+    return out_dir / "index.html"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("revisions", nargs="*", help="git revisions to compare (dvc plots diff)")
+    parser.add_argument("-o", "--out", type=Path, default=OUTPUT_DIR, help="output folder")
+    args = parser.parse_args(argv)
+    page = write_plots(args.revisions, args.out)
+    print(f"file://{page.resolve()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

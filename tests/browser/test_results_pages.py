@@ -1,0 +1,190 @@
+"""The results as a person opens them, in headless Chromium with no network beyond loopback:
+the DVC plots page draws its charts offline, the MLflow experiment opens on its training
+runs, the Prefect UI (on a non-default port) lists the flow runs.
+
+On failure the page's screenshot is saved under test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.browser.chromium import dump_dom
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.browser]
+
+BIN = str(Path(sys.executable).parent)
+QUIET = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> float:
+    """Seconds until `url` answers 200; fails if the server exits or the time runs out."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        assert process.poll() is None, f"server exited with code {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_dvc_plots_page_draws_both_charts_offline(chromium, page, tmp_path):
+    out = tmp_path / "dvc_plots"
+    env = os.environ | QUIET | {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    subprocess.run(
+        [sys.executable, "scripts/plots_offline.py", "-o", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    html = (out / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", html), "the page loads a script from elsewhere"
+    page.url = (out / "index.html").as_uri()
+    dom = dump_dom(chromium, page.url)
+    charts = re.findall(r'<svg[^>]*class="marks"', dom)
+    assert len(charts) == 2, (
+        f"expected 2 charts (accuracy, effective-gradient ratio), got {len(charts)}"
+    )
+    assert ">knapsack<" in dom and ">uniform<" in dom, "no legend entry per strategy"
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """An MLflow store holding one pipeline run made by the stage code, served by
+    `mlflow ui` as `make mlflow-ui` starts it (1 worker); yields (UI base, experiment id)."""
+    from pipeline_lib.config import load_config
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = load_config(
+        REPO_ROOT / "params.yaml",
+        {"tracking.uri": uri, "tracking.artifact_location": str(root / "mlruns")},
+    )
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        with stage_run(config, "train") as tracker:
+            for strategy, ratio in (("knapsack", 0.7), ("uniform", 0.4)):
+                with tracker.child(f"train/{strategy}", {"strategy": strategy}) as run:
+                    for step in (1, 2, 3):
+                        run.log_metrics({"rollout/effective_gradient_ratio": ratio}, step=step)
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            f"{BIN}/mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        env=os.environ | QUIET,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        seconds = wait_for(f"http://127.0.0.1:{port}/health", process, 240)
+        print(f"mlflow ui (1 worker) answered after {seconds:.1f} s")
+        yield f"http://127.0.0.1:{port}", experiment.experiment_id
+    finally:
+        stop(process)
+
+
+def test_mlflow_experiment_link_opens_on_the_training_runs(chromium, page, mlflow_ui):
+    base, experiment_id = mlflow_ui
+    page.url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    dom = dump_dom(chromium, page.url, budget_ms=30000, timeout_s=180)
+    assert "pipeline-" in dom, "the parent run is not listed"
+    assert "Traces" not in dom or "train" in dom
+
+
+def test_prefect_ui_on_another_port_lists_the_flow_runs(chromium, page, tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = (
+        os.environ
+        | QUIET
+        | {
+            "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_API_URL": api,
+            "PREFECT_UI_API_URL": api,  # what `make prefect-server` sets
+        }
+    )
+    server = subprocess.Popen(
+        [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(f"{api}/health", server, 240)
+        flow = textwrap.dedent(
+            """
+            from prefect import flow
+
+            @flow(name="browser-check", flow_run_name="browser-check-run")
+            def check():
+                return 1
+
+            check()
+            """
+        )
+        subprocess.run([sys.executable, "-c", flow], env=env, check=True, timeout=300)
+        page.url = f"http://127.0.0.1:{port}/runs"
+        dom = dump_dom(chromium, page.url, budget_ms=30000, timeout_s=180)
+        assert "Can't connect to Server API" not in dom
+        assert "browser-check-run" in dom, "the flow run is not listed"
+    finally:
+        stop(server)

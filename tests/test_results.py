@@ -1,0 +1,205 @@
+"""The results a person reads: metrics files with one number per name, the headline table,
+the plot definitions, the progress lines, and the MLflow runs that carry the answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.evaluate import eval_metrics, log_pipeline_result, summarize
+from flows.train import train_metrics
+from pipeline_lib.config import load_config
+from pipeline_lib.results import headline_rows, markdown_table, text_table
+from pipeline_lib.tracking import NullTracker
+from tasks.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    NOTE_TAG,
+    PARENT_ENV,
+    ProgressTracker,
+    record_final_lock,
+    stage_run,
+)
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from mlflow_link import experiment_url  # noqa: E402
+from plots_offline import html_template  # noqa: E402
+
+SUMMARY = {
+    "start_accuracy": 0.39,
+    "knapsack_accuracy": 0.669,
+    "knapsack_accuracy_ci_low": 0.623,
+    "knapsack_accuracy_ci_high": 0.715,
+    "knapsack_effective_gradient_ratio": 0.709,
+    "knapsack_step_seconds": 1.02,
+    "uniform_accuracy": 0.673,
+    "uniform_accuracy_ci_low": 0.626,
+    "uniform_accuracy_ci_high": 0.719,
+    "uniform_effective_gradient_ratio": 0.414,
+    "uniform_step_seconds": 0.83,
+    "effective_gradient_ratio_gain": 1.71,
+}
+
+
+def leaves(tree) -> list:
+    return [v for x in tree.values() for v in leaves(x)] if isinstance(tree, dict) else [tree]
+
+
+def test_committed_metrics_files_hold_numbers_only():
+    for name in ("train.json", "summary.json", "eval.json"):
+        values = leaves(json.loads((REPO_ROOT / "metrics" / name).read_text()))
+        assert values and all(isinstance(v, int | float) for v in values), name
+
+
+def test_train_metrics_keep_numbers_and_drop_paths_and_the_in_training_accuracy():
+    summary = {
+        "final_accuracy": 0.6,
+        "mean_effective_gradient_ratio": 0.7,
+        "rollout_tokens_per_second": 10.0,
+        "mean_step_seconds": 1.0,
+        "policy_dir": "models/trained/knapsack",
+        "steps_csv": "models/trained/knapsack/steps.csv",
+    }
+    assert train_metrics({"knapsack": summary}) == {
+        "knapsack": {
+            "effective_gradient_ratio": 0.7,
+            "rollout_tokens_per_second": 10.0,
+            "step_seconds": 1.0,
+        }
+    }
+
+
+def test_summary_is_flat_numbers_with_the_effective_gradient_gain(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("metrics").mkdir()
+    Path("metrics/train.json").write_text(
+        json.dumps(
+            {
+                "knapsack": {"effective_gradient_ratio": 0.8},
+                "uniform": {"effective_gradient_ratio": 0.4},
+            }
+        )
+    )
+    metrics = {"accuracy": 0.5, "accuracy_ci_low": 0.4, "accuracy_ci_high": 0.6, "pass@1": 0.5}
+    results = {name: {"arithmetic": metrics} for name in ("start", "knapsack", "uniform")}
+    summary = summarize(results, [Path("arithmetic.parquet")], ("knapsack", "uniform"))
+    assert all(isinstance(v, float) for v in summary.values())
+    assert summary["effective_gradient_ratio_gain"] == pytest.approx(2.0)
+    assert "pass@1" not in eval_metrics(results)["knapsack"]["arithmetic"]
+
+
+def test_headline_table_has_one_row_per_policy_with_intervals():
+    rows = headline_rows(SUMMARY, ["knapsack", "uniform"])
+    assert [r[0] for r in rows] == ["start", "knapsack", "uniform"]
+    assert rows[1][1] == "0.669 (0.623-0.715)" and rows[2][2] == "0.414"
+    assert "1.71x" in markdown_table(SUMMARY, ["knapsack", "uniform"])
+    lines = text_table(rows).splitlines()
+    assert len(lines) == 5 and lines[1].startswith("------")
+
+
+def test_each_plot_is_defined_once_with_axes_titles_and_a_template():
+    dvc = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert all("plots" not in stage for stage in dvc["stages"].values())
+    for entry in dvc["plots"]:
+        ((name, plot),) = entry.items()
+        assert {"x", "y", "title", "x_label", "y_label", "template"} <= set(plot), name
+        assert (REPO_ROOT / plot["template"]).exists()
+        template = json.loads((REPO_ROOT / plot["template"]).read_text())
+        assert template["encoding"]["color"]["field"] == "field", "one colour per strategy"
+
+
+def test_offline_template_inlines_the_libraries_and_drops_dvc_cdn_tags():
+    page = html_template("window.vegaEmbed = function () {};", "1.0")
+    assert "{plot_divs}" in page and "{scripts}" not in page
+    assert "window.vegaEmbed" in page and "src=" not in page
+
+
+def test_progress_tracker_writes_a_line_every_n_steps_and_forwards_everything(caplog):
+    tracker = ProgressTracker(NullTracker(), "train", every=2)
+    with caplog.at_level(logging.INFO, logger="knapsack_rl"):
+        for step in range(1, 5):
+            tracker.log_metrics({"rollout/effective_gradient_ratio": 0.5, "other": 1.0}, step)
+        with tracker.child("train/knapsack") as child:
+            assert isinstance(child, ProgressTracker)
+            child.log_metrics({"train/loss": 0.25}, step=2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "train step 2: effective_gradient_ratio 0.5",
+        "train step 4: effective_gradient_ratio 0.5",
+        "train/knapsack step 2: loss 0.25",
+    ]
+
+
+def test_mlflow_link_points_at_the_experiments_training_view(tmp_path):
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER, name TEXT)")
+        db.execute("INSERT INTO experiments VALUES (7, 'knapsack-rl')")
+    url = experiment_url("http://127.0.0.1:5000", store, "knapsack-rl")
+    assert url == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert experiment_url("http://h", tmp_path / "none.db", "x").endswith(
+        "workflowType=machine_learning"
+    )
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO_ROOT / "params.yaml", "params.yaml")
+    overrides = {
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.artifact_location": str(tmp_path / "mlruns"),
+    }
+    return load_config("params.yaml", overrides)
+
+
+def test_parent_run_spans_the_stages_and_carries_the_answer(config, tmp_path):
+    """Stages reopen the parent; evaluate's result lands in the parent and the strategy
+    runs; the final dvc.lock is added afterwards without changing any run's end time."""
+    from mlflow import MlflowClient
+
+    with stage_run(config, "train") as tracker:
+        for strategy in ("knapsack", "uniform"):
+            with tracker.child(f"train/{strategy}", {"strategy": strategy, "stage": "train"}):
+                pass
+    Path("metrics").mkdir()
+    Path("metrics/summary.json").write_text(json.dumps(SUMMARY))
+    results = {
+        s: {"arithmetic": {"accuracy": SUMMARY[f"{s}_accuracy"], "pass@4": 0.8}}
+        for s in ("knapsack", "uniform")
+    }
+    with stage_run(config, "evaluate"):
+        log_pipeline_result(config, SUMMARY, results, "arithmetic")
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent = next(r for name, r in runs.items() if name.startswith("pipeline-"))
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= runs["evaluate"].info.end_time
+    assert parent.data.metrics["knapsack_accuracy"] == SUMMARY["knapsack_accuracy"]
+    assert "| knapsack | 0.669 (0.623-0.715)" in parent.data.tags[NOTE_TAG]
+    assert "[train](#/experiments/" in parent.data.tags[NOTE_TAG]
+    knapsack = runs["train/knapsack"]
+    assert knapsack.data.metrics["heldout/arithmetic/pass_at_4"] == 0.8
+    assert knapsack.data.params["train.steps"] == str(config.train.steps)
+
+    ended = {r.info.run_id: r.info.end_time for r in runs.values()}
+    Path("dvc.lock").write_text("schema: '2.0'\n")
+    assert record_final_lock(config) == parent.info.run_id
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "dvc")] == ["dvc/dvc.lock"]
+    for run in client.search_runs([experiment.experiment_id]):
+        assert run.info.end_time == ended[run.info.run_id]
+    artifacts = client.list_artifacts(runs["train"].info.run_id, "pipeline")
+    assert "pipeline/dvc.lock" in [a.path for a in artifacts]
