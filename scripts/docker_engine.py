@@ -19,6 +19,7 @@ stays in the daemon's data root, so later runs reuse it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -39,7 +40,8 @@ DEFAULT_CACHE_DIR = Path(
 # The exec root holds unix sockets (length-limited paths) and must not be on overlayfs.
 EXEC_ROOT = Path("/run/knapsack-rl-docker")
 BASE_IMAGE = "knapsack-rl-base:bookworm"
-BASE_PACKAGES = ("python3.11", "python3.11-venv", "ca-certificates")
+# (python3.11-venv named directly fails to configure inside debootstrap; python3-venv works)
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 APT_PACKAGES = ("docker.io", "debootstrap")
 # Debian's docker.io client (20.10) builds with its daemon's BuildKit without the buildx
 # plugin; a newer client elsewhere on PATH may lack buildx.
@@ -158,11 +160,16 @@ def _stop_leftover_daemon(exec_root: Path, data_root: Path) -> None:
     pidfile.unlink(missing_ok=True)
 
 
+def _unmount_below(folder: Path) -> None:
+    """Unmount everything mounted below `folder`, deepest first."""
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(str(folder) + "/")), reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
+
+
 def _unmount_exec_root(exec_root: Path) -> None:
     """dockerd leaves exec_root/netns/default mounted; unmount it (and anything below)."""
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(str(exec_root) + "/")), reverse=True):
-        subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
+    _unmount_below(exec_root)
 
 
 @contextmanager
@@ -173,6 +180,18 @@ def running_dockerd(
     if os.geteuid() != 0:
         raise RuntimeError("dockerd needs root")
     ensure_packages()
+    # One private daemon at a time on this machine: a second run waits for the first.
+    EXEC_ROOT.mkdir(parents=True, exist_ok=True)
+    with (EXEC_ROOT / "lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another run holds {EXEC_ROOT / 'lock'}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _dockerd(cache_dir, timeout_s)
+
+
+def _dockerd(cache_dir: Path, timeout_s: float) -> Iterator[DockerEngine]:
     data_root = cache_dir / "data-root"
     exec_root = EXEC_ROOT / "exec"
     socket_path = EXEC_ROOT / "docker.sock"
@@ -277,8 +296,11 @@ def ensure_base_image(
             timeout=1200,
         )
         if result.returncode != 0:
+            details = rootfs / "debootstrap" / "debootstrap.log"
             raise RuntimeError(
-                f"debootstrap failed:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+                f"debootstrap failed:\n{result.stdout[-1500:]}{result.stderr[-1500:]}\n"
+                f"{details}:\n"
+                + (details.read_text(errors="replace")[-3000:] if details.exists() else "")
             )
         for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (rootfs / leftover).glob("*"):
@@ -307,6 +329,7 @@ def ensure_base_image(
         if imported.returncode != 0 or tar.returncode != 0:
             raise RuntimeError(f"docker import failed: {imported.stderr[-2000:]}")
     finally:
+        _unmount_below(rootfs)  # debootstrap's /proc and /sys when it failed half-way
         shutil.rmtree(work, ignore_errors=True)
     spent = time.monotonic() - started
     log(f"base image {image} ({engine.image_size_mb(image):.0f} MB) made in {spent:.0f} s")
