@@ -64,6 +64,7 @@ POOL = "docker-smoke"
 DEPLOYMENT = "pipeline/docker-smoke"
 BUCKET = "knapsack-rl-smoke"
 SMOKE_LABEL = "io.knapsack-rl.docker-smoke"
+SERVER_START_TIMEOUT_S = 600.0  # the MLflow and Prefect servers, on a possibly busy machine
 LOCAL_INPUTS = REPO_ROOT / "docker" / "local"  # git- and docker-ignored except by design
 TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 WHEEL_DIRS = ("/opt/wheels",)
@@ -174,7 +175,7 @@ def wait_http_ok(url: str, process: subprocess.Popen, what: str, timeout_s: floa
                 return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"{what} at {url} not ready after {timeout_s:.0f} s")
+    raise TimeoutError(f"{what} at {url} not ready after {timeout_s:.0f} s (see its log)")
 
 
 @contextmanager
@@ -212,7 +213,8 @@ def mlflow_server(
     log_file.close()
     pids["mlflow"] = process.pid
     try:
-        wait_http_ok(f"{url}/health", process, "MLflow server", 120)
+        # Its imports and migrations take 10-20 s on an idle 2-core machine, minutes on a busy one.
+        wait_http_ok(f"{url}/health", process, "MLflow server", SERVER_START_TIMEOUT_S)
         log(f"MLflow server (pid {process.pid}) on {url}")
         yield url
     finally:
@@ -448,7 +450,9 @@ def run_smoke(
             mlflow_server(workdir, s3, env, result.started_pids)
         )
         project, repo = prepare_project(workdir, env, s3)
-        env["PREFECT_API_URL"] = stack.enter_context(prefect_server(env=env))
+        env["PREFECT_API_URL"] = stack.enter_context(
+            prefect_server(timeout_s=SERVER_START_TIMEOUT_S, env=env)
+        )
         env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
         stack.enter_context(
             docker_worker(project, env, workdir / "worker.log", result.started_pids)
