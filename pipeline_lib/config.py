@@ -87,10 +87,28 @@ class SFTParams(Section):
     """Supervised warm-up of the tiny policy, so success rates spread over (0, 1)."""
 
     steps: int = Field(
-        440,
+        1200,
         ge=0,
-        description="Optimiser steps. Held-out accuracy jumps between about 420 and 480 "
-        "steps (levels 3-5 learn carrying); 440 stops partway, so RL has room to improve.",
+        description="Most optimiser steps. With target_accuracy set, SFT stops earlier, at "
+        "the first check whose validation accuracy reaches the target.",
+    )
+    target_accuracy: float | None = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="Stop at the first check whose sampled accuracy on the train-side "
+        "validation split reaches this (null: run all `steps`). Accuracy rises steeply "
+        "when the model learns carrying, so a step count lands anywhere on that rise "
+        "depending on the CPU's float rounding; a target lands at the same operating point.",
+    )
+    check_every: int = Field(
+        10, gt=0, description="Steps between validation checks (when target_accuracy is set)."
+    )
+    validation_prompts: int = Field(
+        512,
+        gt=0,
+        description="Train-side problems the target is measured on: one sample each at "
+        "temperature 1, the way GRPO samples; a fixed seed, so the check is deterministic.",
     )
     learning_rate: float = Field(
         2e-3, gt=0, description="Peak AdamW learning rate, reached after warmup_steps, then held."

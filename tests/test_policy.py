@@ -155,3 +155,51 @@ def test_a_few_sft_steps_reduce_the_loss_on_a_tiny_batch():
     greedy = SamplingConfig(max_new_tokens=4, temperature=0.0)
     rewards = sample_rewards(HFGenerateEngine(model, tokenizer), prompts, greedy, 1, "last_number")
     assert rewards.tolist() == [[1.0], [1.0], [1.0]]
+
+
+def test_sft_stops_at_the_first_check_that_reaches_the_target():
+    """The operating point is an accuracy, not a step count: stop at the first check >= target,
+    each check sees the model in eval mode without autograd, training resumes after it."""
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1), seed=0)
+    problems, answers, levels = ["  7+  5=", " 12+  3="], ["12", "15"], [1, 2]
+    seen = []
+
+    def validate(step):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        return {5: 0.1, 10: 0.3, 15: 0.45}.get(step, 0.9)
+
+    config = SFTParams(steps=50, batch_size=4, target_accuracy=0.4, check_every=5)
+    metrics = run_sft(
+        model,
+        tokenizer,
+        problems,
+        answers,
+        levels,
+        config,
+        num_threads=1,
+        progress=False,
+        validate=validate,
+    )
+    assert seen == [(5, False, False), (10, False, False), (15, False, False)]
+    assert metrics["sft/steps"] == 15
+    assert metrics["sft/stop_accuracy"] == 0.45 and metrics["sft/target_reached"] == 1.0
+
+
+def test_sft_that_never_reaches_the_target_says_so():
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1), seed=0)
+    config = SFTParams(steps=6, batch_size=2, target_accuracy=0.9, check_every=3)
+    metrics = run_sft(
+        model,
+        tokenizer,
+        ["  1+  1="],
+        ["2"],
+        [1],
+        config,
+        num_threads=1,
+        progress=False,
+        validate=lambda step: 0.2,
+    )
+    assert metrics["sft/steps"] == 6
+    assert metrics["sft/target_reached"] == 0.0 and metrics["sft/stop_accuracy"] == 0.2

@@ -89,6 +89,7 @@ def run_sft(
     num_threads: int = 2,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    validate: Callable[[int], float] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place on answer tokens; return final metrics.
 
@@ -100,6 +101,12 @@ def run_sft(
     `sft/examples_per_s`. `on_step(step, loss)` runs after every step (1-based),
     e.g. to log metrics or evaluate a learning curve; it may switch the model to
     eval mode, training mode is restored after it.
+
+    With `config.target_accuracy` set and a `validate` callable (the accuracy of the
+    model as it is), SFT checks every `config.check_every` steps and stops at the
+    first check that reaches the target; `config.steps` is then the most steps.
+    `validate(step)` may log its result (a learning curve). More metrics then:
+    `sft/stop_accuracy` (validation accuracy at the stop) and `sft/target_reached` (1 or 0).
     """
     data = build_sft_batch(tokenizer, problems, answers)
     probabilities = sampling_probabilities(levels, config.level_weights)
@@ -111,6 +118,8 @@ def run_sft(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
     )
     recent_losses: list[float] = []
+    checks = validate if config.target_accuracy is not None else None
+    accuracy, steps_done = float("nan"), 0
     model.train()
     started = time.perf_counter()
     with _torch_threads(num_threads):
@@ -132,14 +141,36 @@ def run_sft(
             recent_losses = [*recent_losses[-19:], loss.item()]
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(recent_losses):.4f}")
+            steps_done = step + 1
             if on_step is not None:
-                on_step(step + 1, recent_losses[-1])
+                on_step(steps_done, recent_losses[-1])
                 model.train()
+            if checks is not None and steps_done % config.check_every == 0:
+                accuracy = _checked_accuracy(model, checks, steps_done)
+                bar.set_postfix(loss=f"{np.mean(recent_losses):.4f}", val=f"{accuracy:.3f}")
+                if accuracy >= config.target_accuracy:
+                    break
     wall_s = time.perf_counter() - started
     model.eval()
-    return {
+    metrics = {
         "sft/loss": float(np.mean(recent_losses)) if recent_losses else float("nan"),
-        "sft/steps": float(config.steps),
+        "sft/steps": float(steps_done),
         "sft/wall_s": wall_s,
-        "sft/examples_per_s": config.steps * config.batch_size / max(wall_s, 1e-9),
+        "sft/examples_per_s": steps_done * config.batch_size / max(wall_s, 1e-9),
     }
+    if checks is not None:
+        metrics["sft/stop_accuracy"] = accuracy
+        metrics["sft/target_reached"] = float(accuracy >= config.target_accuracy)
+    return metrics
+
+
+def _checked_accuracy(
+    model: transformers.PreTrainedModel, validate: Callable[[int], float], step: int
+) -> float:
+    """`validate(step)` with the model in eval mode and no autograd, training mode restored."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(validate(step))
+    finally:
+        model.train()
