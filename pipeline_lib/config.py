@@ -180,6 +180,11 @@ class TrainConfig(Section):
         description="'exact': the optimum of the paper's objective; 'official': the rules of "
         "the paper's code (see pipeline_lib/allocation.py for every difference).",
     )
+    rollout_value: Literal["info_gain", "gradient"] = Field(
+        "info_gain",
+        description="What the knapsack maximises per prompt: P(non-zero gradient) x InfoGain "
+        "(the paper) or P(non-zero gradient) alone (an ablation; exact rules only).",
+    )
     fallback_confidence: float | None = Field(
         0.9,
         gt=0,
@@ -291,6 +296,8 @@ class TrainConfig(Section):
                 "need min_rollouts <= rollouts_per_prompt <= max_rollouts, got "
                 f"{self.min_rollouts}, {self.rollouts_per_prompt}, {self.max_rollouts}"
             )
+        if self.rollout_value == "gradient" and self.allocation_rules == "official":
+            raise ValueError("rollout_value 'gradient' needs allocation_rules 'exact'")
         return self
 
 

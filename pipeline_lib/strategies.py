@@ -2,8 +2,8 @@
 
 A strategy is one function of one `AllocationRequest` (the step's success-rate
 estimates, expected tokens per rollout, its budget and the settings) returning
-an `AllocationResult` (rollouts per prompt), registered under its name with two
-facts the training loop needs:
+an `AllocationResult` (rollouts per prompt), registered under its name with
+what the training loop needs to know:
 
 - `budget_multiplier`: the step's budget is multiplier x prompts_per_step x N_avg
   rollouts (`uniform-2x` spends twice what the others spend);
@@ -12,7 +12,10 @@ facts the training loop needs:
   allocates them with the function, and the step stops once prompts_per_step
   groups with mixed rewards are found or after `max_sampling_rounds` rounds.
   Every round's rollouts count as spent compute; only the kept groups go into
-  the update.
+  the update;
+- `settings`: train settings the strategy fixes, whatever params.yaml says. The
+  ablations are the knapsack function with one setting changed (the official
+  rules bring their own validity rule, min_buffer_length 8, with them).
 
 Adding a strategy is one decorated function here, its name in
 `config.StrategyName` (so params.yaml rejects unknown names before any compute)
@@ -21,15 +24,14 @@ and a test of its budget arithmetic in tests/test_strategies.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipeline_lib.allocation import (
     AllocationResult,
-    AllocationRules,
-    RolloutValue,
     allocate_rollouts,
     allocate_rollouts_by_tokens,
     uniform_allocate,
@@ -48,6 +50,7 @@ class AllocationRequest:
     budget_rollouts: int
     """Rollouts to spend: budget_multiplier x prompts_per_step x N_avg."""
     config: TrainConfig
+    """The train settings, with the strategy's own `settings` applied."""
 
 
 AllocateFn = Callable[[AllocationRequest], AllocationResult]
@@ -61,24 +64,35 @@ class Strategy:
     allocate: AllocateFn
     budget_multiplier: int = 1
     refill: bool = False
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def budget_rollouts(self, config: TrainConfig) -> int:
         """The step's (or each round's) rollout budget."""
         return self.budget_multiplier * config.prompts_per_step * config.rollouts_per_prompt
+
+    def configure(self, config: TrainConfig) -> TrainConfig:
+        """`config` with the settings this strategy fixes (validated like params.yaml)."""
+        if not self.settings:
+            return config
+        return TrainConfig.model_validate(config.model_dump() | dict(self.settings))
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register(
-    name: str, *, budget_multiplier: int = 1, refill: bool = False
+    name: str,
+    *,
+    budget_multiplier: int = 1,
+    refill: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> Callable[[AllocateFn], AllocateFn]:
-    """Decorator: register `function` as strategy `name` (stackable: one function, two names)."""
+    """Decorator: register `function` as strategy `name` (stackable: one function, many names)."""
 
     def add(function: AllocateFn) -> AllocateFn:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = Strategy(name, function, budget_multiplier, refill)
+        STRATEGIES[name] = Strategy(name, function, budget_multiplier, refill, dict(settings or {}))
         return function
 
     return add
@@ -94,37 +108,26 @@ def get_strategy(name: str) -> Strategy:
         ) from None
 
 
-def _knapsack_policy(
-    request: AllocationRequest,
-    *,
-    rules: AllocationRules | None = None,
-    fallback: bool = True,
-    value: RolloutValue = "info_gain",
-) -> AllocationResult:
-    """`allocate_rollouts` with the configured rules; the arguments override one setting."""
-    config = request.config
-    return allocate_rollouts(
-        request.success_rates,
-        request.budget_rollouts,
-        strategy="knapsack",
-        rules=config.allocation_rules if rules is None else rules,
-        min_rollouts=config.min_rollouts,
-        max_rollouts=config.max_rollouts,
-        unseen_rollouts=config.rollouts_per_prompt,
-        negative_rollouts=config.unsolved_rollouts,
-        positive_rollouts=config.solved_rollouts,
-        fallback_confidence=config.fallback_confidence if fallback else None,
-        cost_estimate=config.fallback_cost,
-        value=value,
-    )
-
-
+# Ablations: knapsack with one setting changed, always counting rollouts (the token
+# budget has its own rules and no fallback).
+@register(
+    "knapsack-official",
+    settings={
+        "allocation_rules": "official",
+        "rollout_value": "info_gain",
+        "budget_unit": "rollouts",
+    },
+)
+@register(
+    "knapsack-gradient-only",
+    settings={"rollout_value": "gradient", "allocation_rules": "exact", "budget_unit": "rollouts"},
+)
+@register("knapsack-no-fallback", settings={"fallback_confidence": None, "budget_unit": "rollouts"})
 @register("knapsack")
 def knapsack(request: AllocationRequest) -> AllocationResult:
-    """Knapsack RL at B = prompts_per_step x N_avg, with the configured rules and fallback.
-
-    `budget_unit: tokens` spends as many expected completion tokens instead (exact
-    rules, no fallback); the ablations below always count rollouts.
+    """Knapsack RL at B = prompts_per_step x N_avg: `allocate_rollouts` with the settings'
+    rules, value and fallback; `budget_unit: tokens` spends as many expected completion
+    tokens instead (exact rules, no fallback).
     """
     config = request.config
     if config.budget_unit == "tokens":
@@ -137,7 +140,20 @@ def knapsack(request: AllocationRequest) -> AllocationResult:
             max_rollouts=config.max_rollouts,
             unseen_rollouts=config.rollouts_per_prompt,
         )
-    return _knapsack_policy(request)
+    return allocate_rollouts(
+        request.success_rates,
+        request.budget_rollouts,
+        strategy="knapsack",
+        rules=config.allocation_rules,
+        min_rollouts=config.min_rollouts,
+        max_rollouts=config.max_rollouts,
+        unseen_rollouts=config.rollouts_per_prompt,
+        negative_rollouts=config.unsolved_rollouts,
+        positive_rollouts=config.solved_rollouts,
+        fallback_confidence=config.fallback_confidence,
+        cost_estimate=config.fallback_cost,
+        value=config.rollout_value,
+    )
 
 
 @register("uniform-2x", budget_multiplier=2)
@@ -158,24 +174,3 @@ def dynamic_sampling(request: AllocationRequest) -> AllocationResult:
     """
     size = request.success_rates.size
     return AllocationResult(np.full(size, request.config.rollouts_per_prompt, np.int64), 0, 0)
-
-
-@register("knapsack-no-fallback")
-def knapsack_no_fallback(request: AllocationRequest) -> AllocationResult:
-    """Ablation: knapsack with the surplus left to the optimiser (no move to p = 0 prompts)."""
-    return _knapsack_policy(request, fallback=False)
-
-
-@register("knapsack-gradient-only")
-def knapsack_gradient_only(request: AllocationRequest) -> AllocationResult:
-    """Ablation: value = P(non-zero gradient) = 1 - p^N - (1-p)^N, no InfoGain weight.
-
-    Exact rules whatever `allocation_rules` says (the official rules value by V only).
-    """
-    return _knapsack_policy(request, rules="exact", value="gradient")
-
-
-@register("knapsack-official")
-def knapsack_official(request: AllocationRequest) -> AllocationResult:
-    """Ablation: the paper code's allocation rules (`allocation.py` lists every difference)."""
-    return _knapsack_policy(request, rules="official")

@@ -39,6 +39,11 @@ def test_rollout_bounds_are_checked_together():
         parse_config({"train": {"min_rollouts": 4, "rollouts_per_prompt": 2}})
 
 
+def test_gradient_value_needs_the_exact_rules():
+    with pytest.raises(ConfigError, match="rollout_value 'gradient' needs allocation_rules"):
+        parse_config({"train": {"rollout_value": "gradient", "allocation_rules": "official"}})
+
+
 def test_pass_at_k_cannot_exceed_samples():
     with pytest.raises(ConfigError, match=r"pass_at \[8\] exceeds samples_per_prompt 4"):
         parse_config({"evaluate": {"pass_at": [1, 8]}})

@@ -11,7 +11,9 @@ import pytest
 
 from pipeline_lib.allocation import allocate_rollouts, knapsack_allocate
 from pipeline_lib.config import StrategyName, TrainConfig
+from pipeline_lib.status import empty_status, record_visit
 from pipeline_lib.strategies import STRATEGIES, AllocationRequest, get_strategy, register
+from pipeline_lib.training.steps import allocate
 
 CONFIG = TrainConfig(prompts_per_step=6, rollouts_per_prompt=8, max_rollouts=32)
 # Unseen, unsolved, solved and mixed prompts: every rule of the policy is exercised.
@@ -24,7 +26,7 @@ def request(strategy: str, rates: np.ndarray = RATES, config: TrainConfig = CONF
         success_rates=rates,
         tokens_per_rollout=np.full(rates.size, 4.0),
         budget_rollouts=chosen.budget_rollouts(config),
-        config=config,
+        config=chosen.configure(config),
     )
 
 
@@ -80,6 +82,27 @@ def test_knapsack_is_the_configured_policy_and_ablations_change_one_setting():
     assert strategy("knapsack-official") == policy(rules="official")
     assert strategy("knapsack-gradient-only") == policy(value="gradient")
     assert strategy("knapsack") != strategy("knapsack-gradient-only")
+
+
+def test_ablations_fix_their_settings_whatever_params_say():
+    official = CONFIG.model_copy(update={"allocation_rules": "official", "budget_unit": "tokens"})
+    assert get_strategy("knapsack-no-fallback").configure(official).fallback_confidence is None
+    gradient = get_strategy("knapsack-gradient-only").configure(official)
+    assert (gradient.rollout_value, gradient.allocation_rules) == ("gradient", "exact")
+    assert get_strategy("knapsack-official").configure(CONFIG).buffer_length == 8
+    assert get_strategy("knapsack-official").configure(official).budget_unit == "rollouts"
+    assert get_strategy("knapsack").configure(official) is official
+
+
+def test_the_official_ablation_counts_estimates_from_8_rewards_only():
+    """Prompts seen with 4 rollouts: an estimate under the exact rules, unseen (N_avg)
+    under the official ones."""
+    ids = [f"p{i}" for i in range(6)]
+    status = record_visit(empty_status(), 0, ids, np.full(6, 4), np.array([0, 1, 2, 3, 4, 1]))
+    exact = allocate(status, ids, CONFIG, "knapsack")
+    official = allocate(status, ids, CONFIG, "knapsack-official")
+    assert not np.isnan(exact.predicted).any() and np.isnan(official.predicted).all()
+    assert official.rollouts.tolist() == [8] * 6 and exact.rollouts.tolist() != [8] * 6
 
 
 def test_knapsack_with_a_token_budget_spends_tokens():

@@ -71,8 +71,11 @@ def refill_prompts(num_prompts: int, step: int, seed: int, exclude: np.ndarray) 
 def allocate(
     status: pd.DataFrame, ids: Sequence[str], config: TrainConfig, strategy: str
 ) -> StepAllocation:
-    """Rollouts per prompt for one step (or sampling round) under the named strategy."""
+    """Rollouts per prompt for one step (or sampling round) under the named strategy
+    (with the settings it fixes: an ablation's rules also decide which estimates count)."""
     started = time.perf_counter()
+    chosen = get_strategy(strategy)
+    config = chosen.configure(config)
     prior_alpha, prior_beta = config.beta_prior
     predicted = estimate_success_rates(
         status,
@@ -84,7 +87,6 @@ def allocate(
     predicted = invalidate_short_histories(
         predicted, reward_counts(status, ids), config.buffer_length
     )
-    chosen = get_strategy(strategy)
     request = AllocationRequest(
         success_rates=predicted,
         tokens_per_rollout=expected_tokens(status, ids, default=config.max_new_tokens),
