@@ -92,6 +92,9 @@ import numpy as np
 
 AllocationStrategy = Literal["knapsack", "uniform"]
 AllocationRules = Literal["exact", "official"]
+# What a prompt's rollouts are worth: V = P(both outcomes) * InfoGain (the paper), or
+# P(both outcomes) alone (an ablation: the chance of a non-zero gradient, unweighted).
+RolloutValue = Literal["info_gain", "gradient"]
 CostEstimate = Literal["confidence", "expectation"]
 
 # The official code's validity rule: an estimate needs at least this many rewards.
@@ -128,6 +131,8 @@ class _Increments:
     Item i may receive up to `capacity[i]` increments on top of `start[i]`
     rollouts; its k-th increment (k = 0, 1, ...) is worth
     dV(start + k, p) / weight, or `head[i, k]` for k < head.shape[1] where given.
+    With `info_gain=False` the value is P(both outcomes) alone: dV / (p (1-p)^2),
+    a positive factor per item, so every bound below still holds.
     The caller guarantees the gains are non-increasing in k.
     """
 
@@ -136,6 +141,7 @@ class _Increments:
     capacity: np.ndarray
     weight: np.ndarray
     head: np.ndarray | None = None  # float[items, h]: gains of the first h increments
+    info_gain: bool = True
 
     @cached_property
     def _logs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +150,7 @@ class _Increments:
     @cached_property
     def _scale(self) -> np.ndarray:
         q = 1.0 - self.p
-        return self.p * q * q / self.weight
+        return (self.p * q * q if self.info_gain else np.ones_like(self.p)) / self.weight
 
     def gains(self, rows: np.ndarray, k: np.ndarray) -> np.ndarray:
         p = self.p[rows]
@@ -634,6 +640,8 @@ def knapsack_allocate(
     total_budget: int,
     min_rollouts: int,
     max_rollouts: int,
+    *,
+    value: RolloutValue = "info_gain",
 ) -> np.ndarray:
     """The exact maximiser of sum_i V(N_i, p_i) with min <= N_i <= max, sum N_i <= budget.
 
@@ -643,6 +651,10 @@ def knapsack_allocate(
     spread evenly over the prompts still below `max_rollouts`, so the result
     spends min(total_budget, M * max_rollouts) and a budget above M * max gives
     every prompt `max_rollouts`. Deterministic: ties go to the lower index.
+
+    `value="gradient"` (an ablation) maximises sum_i P(N_i, p_i) instead, the
+    expected number of prompts with a non-zero gradient; P is concave from N = 1
+    on as V is, so the same greedy is exact. It needs min_rollouts >= 1.
 
     Args:
         success_rates: float[M] in [0, 1].
@@ -654,6 +666,10 @@ def knapsack_allocate(
     """
     p = np.asarray(success_rates, dtype=np.float64)
     _validate(p, min_rollouts, max_rollouts)
+    if value not in ("info_gain", "gradient"):
+        raise ValueError(f"unknown rollout value {value!r}: use 'info_gain' or 'gradient'")
+    if value == "gradient" and min_rollouts < 1:
+        raise ValueError("value='gradient' needs min_rollouts >= 1")
     num_prompts = p.size
     if total_budget < num_prompts * min_rollouts:
         raise ValueError(
@@ -673,6 +689,7 @@ def knapsack_allocate(
             start=np.full(valued.size, float(min_rollouts)),
             capacity=np.full(valued.size, max_rollouts - min_rollouts, dtype=np.int64),
             weight=np.ones(valued.size),
+            info_gain=value == "info_gain",
         )
         allocation[valued] += _top_increments(inc, remaining)
         remaining = int(total_budget) - int(allocation.sum())
@@ -839,11 +856,13 @@ def official_extra_rollouts(
     return _top_increments(inc, int(total_budget))
 
 
-def _check_choices(strategy: str, rules: str, cost_estimate: str) -> None:
+def _check_choices(strategy: str, rules: str, cost_estimate: str, value: str) -> None:
     if strategy != "knapsack":
         raise ValueError(f"unknown allocation strategy {strategy!r}: use 'knapsack' or 'uniform'")
     if rules not in ("exact", "official"):
         raise ValueError(f"unknown allocation rules {rules!r}: use 'exact' or 'official'")
+    if rules == "official" and value != "info_gain":
+        raise ValueError("the official rules value rollouts by V only (value='info_gain')")
     if cost_estimate not in ("confidence", "expectation"):
         raise ValueError(
             f"unknown cost_estimate {cost_estimate!r}: use 'confidence' or 'expectation'"
@@ -875,6 +894,7 @@ def allocate_rollouts(
     positive_rollouts: int | None = None,
     fallback_confidence: float | None = 0.9,
     cost_estimate: CostEstimate = "confidence",
+    value: RolloutValue = "info_gain",
 ) -> AllocationResult:
     """The paper's full allocation policy over one step's prompts.
 
@@ -900,7 +920,8 @@ def allocate_rollouts(
 
     `fallback_confidence=None` turns the fallback off; `cost_estimate` picks the
     need estimate ("confidence": log(1 - alpha) / log(max(p, 1 - p)) with alpha =
-    `fallback_confidence`; "expectation": 1 / (p (1 - p)) - 1).
+    `fallback_confidence`; "expectation": 1 / (p (1 - p)) - 1). `value` is what
+    the optimiser maximises (`knapsack_allocate`); "gradient" needs the exact rules.
 
     Args:
         success_rates: float[M], NaN for unseen or not-yet-valid prompts.
@@ -910,7 +931,7 @@ def allocate_rollouts(
     p = np.asarray(success_rates, dtype=np.float64)
     if strategy == "uniform":
         return AllocationResult(uniform_allocate(p.size, total_budget), 0, 0)
-    _check_choices(strategy, rules, cost_estimate)
+    _check_choices(strategy, rules, cost_estimate, value)
     solved_rollouts = min_rollouts if solved_rollouts is None else solved_rollouts
     negative_rollouts, positive_rollouts = (
         solved_rollouts if n is None else n for n in (negative_rollouts, positive_rollouts)
@@ -927,11 +948,8 @@ def allocate_rollouts(
             confidence=fallback_confidence,
             cost_estimate=cost_estimate,
         )
-    unseen = np.isnan(p)
-    unsolved = p == 0
-    solved = p == 1
+    unseen, unsolved, solved = np.isnan(p), p == 0, p == 1
     valued = ~(unseen | unsolved | solved)
-
     allocation = np.zeros(p.size, dtype=np.int64)
     allocation[unseen] = unseen_rollouts
     allocation[unsolved] = negative_rollouts
@@ -954,7 +972,7 @@ def allocate_rollouts(
         knapsack_budget = min(available, need)
     if valued.any():
         allocation[valued] = knapsack_allocate(
-            p[valued], knapsack_budget, min_rollouts, max_rollouts
+            p[valued], knapsack_budget, min_rollouts, max_rollouts, value=value
         )
     surplus = int(total_budget) - int(allocation.sum())
     moved = 0

@@ -146,11 +146,30 @@ class BootstrapConfig(Section):
     output_dir: str = Field("models/start", description="Checkpoint directory of the policy.")
 
 
+# The allocation strategies of `pipeline_lib/strategies.py` (a test keeps the two in step):
+# the four compared by default, then ablations that run only when named.
+StrategyName = Literal[
+    "knapsack",
+    "uniform",
+    "uniform-2x",
+    "dynamic-sampling",
+    "knapsack-no-fallback",
+    "knapsack-gradient-only",
+    "knapsack-official",
+]
+
+
 class TrainConfig(Section):
     """Stage `train`: Knapsack-GRPO (and the uniform baseline at the same budget)."""
 
-    strategies: tuple[Literal["knapsack", "uniform"], ...] = Field(
-        ("knapsack", "uniform"), min_length=1, description="Allocation strategies to train."
+    strategies: tuple[StrategyName, ...] = Field(
+        ("knapsack", "uniform"),
+        min_length=1,
+        description="Allocation strategies to train (pipeline_lib/strategies.py): knapsack, "
+        "uniform (same budget), uniform-2x (twice the budget), dynamic-sampling (DAPO: refill "
+        "until prompts_per_step groups have mixed rewards); ablations: knapsack-no-fallback, "
+        "knapsack-gradient-only (value = P(non-zero gradient)), knapsack-official (the "
+        "paper code's rules).",
     )
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
     prompts_per_step: int = Field(64, gt=0, description="M: prompts drawn per step.")
@@ -179,6 +198,11 @@ class TrainConfig(Section):
         description="'exact': the optimum of the paper's objective; 'official': the rules of "
         "the paper's code (see pipeline_lib/allocation.py for every difference).",
     )
+    rollout_value: Literal["info_gain", "gradient"] = Field(
+        "info_gain",
+        description="What the knapsack maximises per prompt: P(non-zero gradient) x InfoGain "
+        "(the paper) or P(non-zero gradient) alone (an ablation; exact rules only).",
+    )
     fallback_confidence: float | None = Field(
         0.9,
         gt=0,
@@ -202,6 +226,12 @@ class TrainConfig(Section):
         ge=0,
         description="Rewards a prompt needs before its estimate is used (else it counts as "
         "unseen); null: 8 under the official rules, 1 under exact.",
+    )
+    max_sampling_rounds: int = Field(
+        10,
+        ge=1,
+        description="dynamic-sampling: most generation rounds per step (DAPO's "
+        "max_num_gen_batches); the update then takes the groups with signal found so far.",
     )
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
@@ -284,6 +314,8 @@ class TrainConfig(Section):
                 "need min_rollouts <= rollouts_per_prompt <= max_rollouts, got "
                 f"{self.min_rollouts}, {self.rollouts_per_prompt}, {self.max_rollouts}"
             )
+        if self.rollout_value == "gradient" and self.allocation_rules == "official":
+            raise ValueError("rollout_value 'gradient' needs allocation_rules 'exact'")
         return self
 
 

@@ -28,13 +28,20 @@ def test_unknown_key_names_it_and_the_allowed_keys():
 
 
 def test_bad_value_names_key_and_allowed_values():
-    with pytest.raises(ConfigError, match=r"train.strategies.0.*'knapsack' or 'uniform'"):
+    with pytest.raises(
+        ConfigError, match=r"train.strategies.0.*'knapsack', 'uniform', 'uniform-2x'"
+    ):
         parse_config({"train": {"strategies": ["greedy"]}})
 
 
 def test_rollout_bounds_are_checked_together():
     with pytest.raises(ConfigError, match="min_rollouts <= rollouts_per_prompt <= max_rollouts"):
         parse_config({"train": {"min_rollouts": 4, "rollouts_per_prompt": 2}})
+
+
+def test_gradient_value_needs_the_exact_rules():
+    with pytest.raises(ConfigError, match="rollout_value 'gradient' needs allocation_rules"):
+        parse_config({"train": {"rollout_value": "gradient", "allocation_rules": "official"}})
 
 
 def test_pass_at_k_cannot_exceed_samples():

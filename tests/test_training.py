@@ -22,6 +22,7 @@ from pipeline_lib.training import (
     step_prompts,
     train_policy,
 )
+from pipeline_lib.training.compute import evaluation_curve
 from tasks.train import open_updater
 
 
@@ -154,6 +155,31 @@ def test_step_prompts_visit_each_prompt_once_per_epoch():
 def test_uniform_strategy_allocates_evenly(setup, tmp_path):
     result, _, _ = run(setup, tmp_path, strategy="uniform")
     assert (result.steps.loc[result.steps.step > 0, "alloc/max_rollouts"] == 4).all()
+
+
+@pytest.mark.parametrize("strategy", ["uniform-2x", "dynamic-sampling"])
+def test_compute_totals_add_up_over_the_run(setup, tmp_path, strategy):
+    """Every step's spent compute is logged and the totals are running sums; uniform-2x
+    spends 2 x 8 prompts x 4 rollouts a step, dynamic sampling at least one round's 32."""
+    result, _, _ = run(setup, tmp_path, strategy=strategy)
+    trained = result.steps[result.steps.step > 0]
+    for key in ("rollouts", "completion_tokens", "update_rows", "rollout_seconds"):
+        running = trained[f"compute/{key}"].cumsum().to_numpy()
+        np.testing.assert_allclose(trained[f"compute/{key}_total"], running)
+    assert (
+        trained["compute/rollouts"] == trained["alloc/mean_rollouts"] * trained["rollout/prompts"]
+    ).all()
+    if strategy == "uniform-2x":
+        assert (trained["compute/rollouts"] == 64).all()
+    else:
+        assert (trained["compute/rollouts"] >= 32).all()
+        assert (trained["update/groups"] <= 8).all()
+    assert result.compute_totals["compute/rollouts_total"] == trained["compute/rollouts"].sum()
+    assert result.final_prompt_scores.shape == (8,)  # eval_prompts
+    assert result.final_prompt_scores.mean() == pytest.approx(result.final_accuracy)
+    curve = evaluation_curve(result.steps)
+    assert curve["step"].tolist() == [0, 2, 3]
+    assert curve["rollouts"].iloc[0] == 0 and curve["rollouts"].is_monotonic_increasing
 
 
 def test_update_diagnostics_average_over_rows_with_signal():

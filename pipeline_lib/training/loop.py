@@ -1,4 +1,4 @@
-"""The Knapsack-GRPO training loop: allocate -> collect -> record status -> update -> sync.
+"""The Knapsack-GRPO training loop: sample (allocate + collect) -> record status -> update -> sync.
 
 One readable loop that holds no math: each part is a function in `steps.py`; the
 engine, the updater, the tracker and the checkpointer come in through small
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 import transformers
@@ -20,18 +21,19 @@ from tqdm.auto import tqdm
 
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.prompts import PromptSet
-from pipeline_lib.rollout.base import RolloutEngine, SamplingConfig
+from pipeline_lib.rollout.base import Completion, RolloutEngine, SamplingConfig
 from pipeline_lib.tracking import Tracker
+from pipeline_lib.training.compute import StepSeconds, accumulate, step_compute
 from pipeline_lib.training.state import Checkpointer, TrainState
 from pipeline_lib.training.steps import (
     EpochDiagnostics,
-    advantages,
-    allocate,
-    collect,
-    heldout_accuracy,
+    heldout_prompt_scores,
     record_status,
+    refill_prompts,
+    sample_step,
     step_metrics,
     step_prompts,
+    update_rows,
 )
 from pipeline_lib.update.core import Updater, build_update_batch
 
@@ -45,6 +47,11 @@ class TrainingResult:
     mean_effective_gradient_ratio: float
     rollout_tokens_per_second: float
     resumed_from_step: int = 0
+    compute_totals: dict[str, float] = field(default_factory=dict)
+    """The last step's `compute/<name>_total` (training.compute): what the run spent."""
+    final_prompt_scores: np.ndarray | None = None
+    """float[eval_prompts]: each held-out prompt's mean reward at the final evaluation;
+    None when this call ran no step (the run was already complete)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def train_policy(
     if resumed_from > 0:
         engine.update_weights(run.model.state_dict())
     run.model.eval()
-    evaluate = _heldout_evaluator(run, engine)
+    evaluate = HeldoutEvaluator(run, engine)
     if state.step == 0:
         state.history.append({"step": 0, "epoch": 0, "eval/accuracy": evaluate()})
         tracker.log_metrics({"eval/accuracy": state.history[-1]["eval/accuracy"]}, step=0)
@@ -110,23 +117,31 @@ def train_policy(
                 acc=f"{history_accuracy(state.history):.3f}",
             )
     diagnostics.flush(tracker)
-    return _result(state.history, resumed_from)
+    final_scores = evaluate.last_scores if state.step > resumed_from else None
+    return _result(state.history, resumed_from, final_scores)
 
 
-def _heldout_evaluator(run: TrainingRun, engine: RolloutEngine):
-    """A no-argument function: held-out accuracy of the engine's current weights."""
-    config = run.config
-    sampling = SamplingConfig(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=run.seed
-    )
-    subset = run.heldout_set.head(config.eval_prompts)
+class HeldoutEvaluator:
+    """Held-out accuracy of the engine's current weights; keeps the last per-prompt scores."""
 
-    def evaluate() -> float:
-        return heldout_accuracy(
-            engine, subset, sampling, config.eval_samples, config.reward_extraction
+    def __init__(self, run: TrainingRun, engine: RolloutEngine) -> None:
+        config = run.config
+        self.engine, self.config = engine, config
+        self.sampling = SamplingConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=run.seed
         )
+        self.prompts = run.heldout_set.head(config.eval_prompts)
+        self.last_scores: np.ndarray | None = None
 
-    return evaluate
+    def __call__(self) -> float:
+        self.last_scores = heldout_prompt_scores(
+            self.engine,
+            self.prompts,
+            self.sampling,
+            self.config.eval_samples,
+            self.config.reward_extraction,
+        )
+        return float(self.last_scores.mean())
 
 
 def _train_step(
@@ -136,34 +151,64 @@ def _train_step(
     updater: Updater,
     tracker: Tracker,
     diagnostics: EpochDiagnostics,
-    evaluate,
+    evaluate: HeldoutEvaluator,
 ) -> dict[str, float]:
     """Step `state.step`: returns its metrics record and updates `state.status`."""
-    config, step = run.config, state.step
-    epoch, indices = step_prompts(len(run.train_set), step, config.prompts_per_step, run.seed)
-    ids = [run.train_set.ids[i] for i in indices]
-    allocation = allocate(state.status, ids, config, run.strategy)
+    config, step, pool = run.config, state.step, len(run.train_set)
+    epoch, indices = step_prompts(pool, step, config.prompts_per_step, run.seed)
     sampling = SamplingConfig(
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
         seed=run.seed * 100_003 + step,
     )
-    batch = collect(
-        engine, run.train_set, indices, allocation.rollouts, sampling, config.reward_extraction
+    started = time.perf_counter()
+    rollouts = sample_step(
+        engine,
+        run.train_set,
+        state.status,
+        indices,
+        refill_prompts(pool, step, run.seed, indices),
+        run.strategy,
+        config,
+        sampling,
     )
-    state.status = record_status(state.status, epoch, ids, allocation, batch, config)
-    update_batch = build_update_batch(
-        batch.completions, advantages(batch, config), run.tokenizer.pad_token_id
+    rollout_seconds = time.perf_counter() - started
+    ids = [run.train_set.ids[i] for i in indices]  # the step's own prompts come first
+    state.status = record_status(
+        state.status, epoch, ids, rollouts.allocation, rollouts.batch, config
     )
-    update_stats = updater.update(update_batch)
-    sync_started = time.perf_counter()
+    started = time.perf_counter()
+    completions, row_advantages = update_rows(rollouts, config)
+    update_stats = _update(updater, completions, row_advantages, run.tokenizer.pad_token_id)
+    update_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     engine.update_weights(run.model.state_dict())
-    metrics = step_metrics(allocation, batch, time.perf_counter() - sync_started)
-    metrics |= update_stats
-    diagnostics.add(epoch, allocation, batch, tracker)
+    sync_seconds = time.perf_counter() - started
+    metrics = step_metrics(rollouts.allocation, rollouts.batch, sync_seconds) | update_stats
+    spent = step_compute(
+        rollouts,
+        completions,
+        row_advantages,
+        StepSeconds(rollout_seconds, update_seconds, sync_seconds),
+    )
+    metrics |= spent | accumulate(state.history[-1] if state.history else {}, spent)
+    diagnostics.add(epoch, rollouts.allocation, rollouts.batch, tracker)
     if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
         metrics["eval/accuracy"] = evaluate()
     return {"step": step + 1, "epoch": epoch} | metrics
+
+
+def _update(
+    updater: Updater,
+    completions: list[Completion],
+    advantages: torch.Tensor,
+    pad_token_id: int,
+) -> dict[str, float]:
+    """One GRPO update on the given rows; none when there are no rows (dynamic sampling
+    found no group with mixed rewards)."""
+    if not completions:
+        return {"train/optimizer_steps": 0.0}
+    return updater.update(build_update_batch(completions, advantages, pad_token_id))
 
 
 def _save(
@@ -204,9 +249,12 @@ def history_accuracy(history: Sequence[dict[str, float]]) -> float:
     return float("nan")
 
 
-def _result(history: list[dict[str, float]], resumed_from: int) -> TrainingResult:
+def _result(
+    history: list[dict[str, float]], resumed_from: int, final_scores: np.ndarray | None
+) -> TrainingResult:
     table = pd.DataFrame(history)
     trained = table[table["step"] > 0]
+    last = history[-1]
     return TrainingResult(
         steps=table,
         final_accuracy=history_accuracy(history),
@@ -215,4 +263,10 @@ def _result(history: list[dict[str, float]], resumed_from: int) -> TrainingResul
             trained["rollout/tokens"].sum() / max(trained["rollout/seconds"].sum(), 1e-9)
         ),
         resumed_from_step=resumed_from,
+        compute_totals={
+            k: float(v)
+            for k, v in last.items()
+            if k.startswith("compute/") and k.endswith("_total")
+        },
+        final_prompt_scores=final_scores,
     )

@@ -1,6 +1,7 @@
 """The parts of one training step, each a function of values (the engine comes in as an argument).
 
-    allocate -> collect (rollout + grade) -> record status -> update -> sync -> metrics
+    sample_step (allocate -> collect, in rounds for refilling strategies)
+        -> record status -> update_rows -> update -> sync -> metrics
 
 `loop.py` strings them together; tests call them one by one with a fake engine.
 """
@@ -9,18 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline_lib.allocation import (
-    AllocationResult,
-    allocate_rollouts,
-    allocate_rollouts_by_tokens,
-    invalidate_short_histories,
-)
+from pipeline_lib.allocation import AllocationResult, invalidate_short_histories
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.grpo import effective_gradient_ratio, group_advantages
 from pipeline_lib.plots import allocation_histogram, calibration_plot
@@ -33,6 +29,7 @@ from pipeline_lib.status import (
     record_visit,
     reward_counts,
 )
+from pipeline_lib.strategies import AllocationRequest, get_strategy
 from pipeline_lib.tracking import Tracker
 
 
@@ -60,11 +57,25 @@ class StepAllocation:
         return self.result.rollouts
 
 
+def refill_prompts(num_prompts: int, step: int, seed: int, exclude: np.ndarray) -> np.ndarray:
+    """Pool indices a refilling strategy draws after the step's own prompts, in order.
+
+    A permutation seeded by (seed, step) without the step's prompts: every strategy's
+    step starts from the same prompts (runs stay paired), and no prompt repeats
+    within a step.
+    """
+    order = np.random.default_rng([seed, step, 1]).permutation(num_prompts)
+    return order[~np.isin(order, exclude)]
+
+
 def allocate(
     status: pd.DataFrame, ids: Sequence[str], config: TrainConfig, strategy: str
 ) -> StepAllocation:
-    """Rollouts per prompt for one step at the budget prompts_per_step x N_avg."""
+    """Rollouts per prompt for one step (or sampling round) under the named strategy
+    (with the settings it fixes: an ablation's rules also decide which estimates count)."""
     started = time.perf_counter()
+    chosen = get_strategy(strategy)
+    config = chosen.configure(config)
     prior_alpha, prior_beta = config.beta_prior
     predicted = estimate_success_rates(
         status,
@@ -76,31 +87,13 @@ def allocate(
     predicted = invalidate_short_histories(
         predicted, reward_counts(status, ids), config.buffer_length
     )
-    if config.budget_unit == "tokens" and strategy == "knapsack":
-        costs = expected_tokens(status, ids, default=config.max_new_tokens)
-        result = allocate_rollouts_by_tokens(
-            predicted,
-            costs,
-            config.prompts_per_step * config.rollouts_per_prompt * float(costs.mean()),
-            min_rollouts=config.min_rollouts,
-            max_rollouts=config.max_rollouts,
-            unseen_rollouts=config.rollouts_per_prompt,
-        )
-        return StepAllocation(predicted, result, time.perf_counter() - started)
-    result = allocate_rollouts(
-        predicted,
-        config.prompts_per_step * config.rollouts_per_prompt,
-        strategy=strategy,  # type: ignore[arg-type]
-        rules=config.allocation_rules,
-        min_rollouts=config.min_rollouts,
-        max_rollouts=config.max_rollouts,
-        unseen_rollouts=config.rollouts_per_prompt,
-        negative_rollouts=config.unsolved_rollouts,
-        positive_rollouts=config.solved_rollouts,
-        fallback_confidence=config.fallback_confidence,
-        cost_estimate=config.fallback_cost,
+    request = AllocationRequest(
+        success_rates=predicted,
+        tokens_per_rollout=expected_tokens(status, ids, default=config.max_new_tokens),
+        budget_rollouts=chosen.budget_rollouts(config),
+        config=config,
     )
-    return StepAllocation(predicted, result, time.perf_counter() - started)
+    return StepAllocation(predicted, chosen.allocate(request), time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -140,6 +133,132 @@ def collect(
     return RolloutBatch(flat, group_ids, rewards, successes, tokens, stats)
 
 
+def mixed_groups(batch: RolloutBatch) -> np.ndarray:
+    """bool[M]: groups whose rewards are not all equal (the ones with a GRPO gradient)."""
+    groups, size = batch.group_ids.numpy(), batch.successes.size
+    low, high = np.full(size, np.inf), np.full(size, -np.inf)
+    np.minimum.at(low, groups, batch.rewards)
+    np.maximum.at(high, groups, batch.rewards)
+    return high > low
+
+
+@dataclass(frozen=True)
+class StepRollouts:
+    """What one step sampled, over every prompt it drew (all rounds, in draw order).
+
+    indices: int[M'] pool indices of the drawn prompts; `allocation` and `batch`
+    cover the same M' prompts (batch.group_ids index into them); kept: bool[M'],
+    the groups that go into the update; rounds: generation rounds run.
+    """
+
+    indices: np.ndarray
+    allocation: StepAllocation
+    batch: RolloutBatch
+    kept: np.ndarray
+    rounds: int
+
+
+def sample_step(
+    engine: RolloutEngine,
+    prompts: PromptSet,
+    status: pd.DataFrame,
+    indices: np.ndarray,
+    refill: np.ndarray,
+    strategy: str,
+    config: TrainConfig,
+    sampling: SamplingConfig,
+) -> StepRollouts:
+    """Allocate and collect one step's rollouts of prompts `indices` under `strategy`.
+
+    A refilling strategy (dynamic sampling, DAPO) then draws prompts_per_step more
+    prompts from `refill` per round, until prompts_per_step groups with mixed
+    rewards are found or `max_sampling_rounds` rounds have run; the first
+    prompts_per_step such groups, in draw order, are kept for the update (DAPO's
+    truncation). Otherwise every group is kept (all-equal groups get advantage 0).
+    """
+    rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]] = []
+    drawn, queue, found = indices, refill, 0
+    refills = get_strategy(strategy).refill
+    for round_index in range(config.max_sampling_rounds if refills else 1):
+        if round_index > 0:
+            drawn, queue = queue[: config.prompts_per_step], queue[config.prompts_per_step :]
+            if drawn.size == 0:  # the pool is used up
+                break
+        allocation = allocate(status, [prompts.ids[i] for i in drawn], config, strategy)
+        batch = collect(
+            engine,
+            prompts,
+            drawn,
+            allocation.rollouts,
+            _round_sampling(sampling, round_index),
+            config.reward_extraction,
+        )
+        rounds.append((drawn, allocation, batch))
+        found += int(mixed_groups(batch).sum())
+        if found >= config.prompts_per_step:
+            break
+    drawn, allocation, batch = _concatenate_rounds(rounds)
+    if not refills:
+        return StepRollouts(drawn, allocation, batch, np.ones(drawn.size, dtype=bool), 1)
+    mixed = mixed_groups(batch)
+    kept = mixed & (np.cumsum(mixed) <= config.prompts_per_step)
+    return StepRollouts(drawn, allocation, batch, kept, len(rounds))
+
+
+def _round_sampling(sampling: SamplingConfig, round_index: int) -> SamplingConfig:
+    """Round 0 samples with the step's seed (as every strategy does); later rounds with
+    seeds derived from it."""
+    if round_index == 0 or sampling.seed is None:
+        return sampling
+    seed = np.random.SeedSequence([sampling.seed, round_index]).generate_state(1)[0]
+    return replace(sampling, seed=int(seed))
+
+
+def _concatenate_rounds(
+    rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]],
+) -> tuple[np.ndarray, StepAllocation, RolloutBatch]:
+    """One (indices, allocation, batch) over the prompts of every round, in draw order."""
+    if len(rounds) == 1:
+        return rounds[0]
+    allocations = [allocation for _, allocation, _ in rounds]
+    batches = [batch for _, _, batch in rounds]
+    offsets = np.cumsum([0] + [len(drawn) for drawn, _, _ in rounds])[:-1]
+    allocation = StepAllocation(
+        predicted=np.concatenate([a.predicted for a in allocations]),
+        result=AllocationResult(
+            np.concatenate([a.rollouts for a in allocations]),
+            sum(a.result.fallback_rollouts for a in allocations),
+            sum(a.result.knapsack_budget for a in allocations),
+        ),
+        seconds=sum(a.seconds for a in allocations),
+    )
+    stats = [b.stats for b in batches if b.stats is not None]
+    batch = RolloutBatch(
+        completions=[c for b in batches for c in b.completions],
+        group_ids=torch.cat([b.group_ids + int(o) for b, o in zip(batches, offsets, strict=True)]),
+        rewards=np.concatenate([b.rewards for b in batches]),
+        successes=np.concatenate([b.successes for b in batches]),
+        tokens=np.concatenate([b.tokens for b in batches]),
+        stats=GenerationStats(
+            sum(s.num_completions for s in stats),
+            sum(s.num_generated_tokens for s in stats),
+            sum(s.seconds for s in stats),
+        )
+        if stats
+        else None,
+    )
+    return np.concatenate([drawn for drawn, _, _ in rounds]), allocation, batch
+
+
+def update_rows(
+    rollouts: StepRollouts, config: TrainConfig
+) -> tuple[list[Completion], torch.Tensor]:
+    """The completions of the kept groups and their GRPO advantages float[B_kept]."""
+    rows = rollouts.kept[rollouts.batch.group_ids.numpy()]
+    completions = [c for c, keep in zip(rollouts.batch.completions, rows, strict=True) if keep]
+    return completions, advantages(rollouts.batch, config)[torch.from_numpy(rows)]
+
+
 def record_status(
     status: pd.DataFrame,
     epoch: int,
@@ -148,14 +267,21 @@ def record_status(
     batch: RolloutBatch,
     config: TrainConfig,
 ) -> pd.DataFrame:
-    """The status table with this visit of every prompt of the step added."""
+    """The status table with this visit of each of the step's prompts `ids` added.
+
+    `ids` name the first len(ids) prompts of `allocation` and `batch`: the step's own.
+    Prompts a refilling strategy drew in later rounds lie outside the epoch's order
+    (they may come up again this epoch), so they are spent compute and update
+    data, not visits.
+    """
+    own = len(ids)
     return record_visit(
         status,
         epoch,
         list(ids),
-        allocation.rollouts,
-        batch.successes.astype(np.int64),
-        tokens=batch.tokens.astype(np.int64),
+        allocation.rollouts[:own],
+        batch.successes[:own].astype(np.int64),
+        tokens=batch.tokens[:own].astype(np.int64),
         beta_decay=config.beta_decay,
     )
 
@@ -170,6 +296,17 @@ def advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
     )
 
 
+def heldout_prompt_scores(
+    engine: RolloutEngine,
+    heldout: PromptSet,
+    sampling: SamplingConfig,
+    samples_per_prompt: int,
+    extraction: str,
+) -> np.ndarray:
+    """float[M]: each held-out prompt's mean reward over `samples_per_prompt` samples."""
+    return sample_rewards(engine, heldout, sampling, samples_per_prompt, extraction).mean(axis=1)
+
+
 def heldout_accuracy(
     engine: RolloutEngine,
     heldout: PromptSet,
@@ -178,7 +315,8 @@ def heldout_accuracy(
     extraction: str,
 ) -> float:
     """Mean reward over `samples_per_prompt` samples of every held-out prompt."""
-    return float(sample_rewards(engine, heldout, sampling, samples_per_prompt, extraction).mean())
+    scores = heldout_prompt_scores(engine, heldout, sampling, samples_per_prompt, extraction)
+    return float(scores.mean())
 
 
 def step_metrics(

@@ -1,0 +1,176 @@
+"""Rollout-allocation strategies: how one training step spends its rollouts.
+
+A strategy is one function of one `AllocationRequest` (the step's success-rate
+estimates, expected tokens per rollout, its budget and the settings) returning
+an `AllocationResult` (rollouts per prompt), registered under its name with
+what the training loop needs to know:
+
+- `budget_multiplier`: the step's budget is multiplier x prompts_per_step x N_avg
+  rollouts (`uniform-2x` spends twice what the others spend);
+- `refill`: the step samples in rounds (DAPO's dynamic sampling, see
+  `training.steps.sample_step`): each round draws prompts_per_step new prompts,
+  allocates them with the function, and the step stops once prompts_per_step
+  groups with mixed rewards are found or after `max_sampling_rounds` rounds.
+  Every round's rollouts count as spent compute; only the kept groups go into
+  the update;
+- `settings`: train settings the strategy fixes, whatever params.yaml says. The
+  ablations are the knapsack function with one setting changed (the official
+  rules bring their own validity rule, min_buffer_length 8, with them).
+
+Adding a strategy is one decorated function here, its name in
+`config.StrategyName` (so params.yaml rejects unknown names before any compute)
+and a test of its budget arithmetic in tests/test_strategies.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline_lib.allocation import (
+    AllocationResult,
+    allocate_rollouts,
+    allocate_rollouts_by_tokens,
+    uniform_allocate,
+)
+from pipeline_lib.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class AllocationRequest:
+    """What a strategy sees of one step (or one sampling round)."""
+
+    success_rates: np.ndarray
+    """float[M] estimated success rate per prompt; NaN where unseen or not yet valid."""
+    tokens_per_rollout: np.ndarray
+    """float[M] expected completion tokens of one rollout (max_new_tokens if unseen)."""
+    budget_rollouts: int
+    """Rollouts to spend: budget_multiplier x prompts_per_step x N_avg."""
+    config: TrainConfig
+    """The train settings, with the strategy's own `settings` applied."""
+
+
+AllocateFn = Callable[[AllocationRequest], AllocationResult]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy: its allocation function and how the loop runs it."""
+
+    name: str
+    allocate: AllocateFn
+    budget_multiplier: int = 1
+    refill: bool = False
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def budget_rollouts(self, config: TrainConfig) -> int:
+        """The step's (or each round's) rollout budget."""
+        return self.budget_multiplier * config.prompts_per_step * config.rollouts_per_prompt
+
+    def configure(self, config: TrainConfig) -> TrainConfig:
+        """`config` with the settings this strategy fixes (validated like params.yaml)."""
+        if not self.settings:
+            return config
+        return TrainConfig.model_validate(config.model_dump() | dict(self.settings))
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(
+    name: str,
+    *,
+    budget_multiplier: int = 1,
+    refill: bool = False,
+    settings: Mapping[str, Any] | None = None,
+) -> Callable[[AllocateFn], AllocateFn]:
+    """Decorator: register `function` as strategy `name` (stackable: one function, many names)."""
+
+    def add(function: AllocateFn) -> AllocateFn:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is registered twice")
+        STRATEGIES[name] = Strategy(name, function, budget_multiplier, refill, dict(settings or {}))
+        return function
+
+    return add
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered as `name`; ValueError naming the known ones otherwise."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown allocation strategy {name!r}; known: {', '.join(STRATEGIES)}"
+        ) from None
+
+
+# Ablations: knapsack with one setting changed, always counting rollouts (the token
+# budget has its own rules and no fallback).
+@register(
+    "knapsack-official",
+    settings={
+        "allocation_rules": "official",
+        "rollout_value": "info_gain",
+        "budget_unit": "rollouts",
+    },
+)
+@register(
+    "knapsack-gradient-only",
+    settings={"rollout_value": "gradient", "allocation_rules": "exact", "budget_unit": "rollouts"},
+)
+@register("knapsack-no-fallback", settings={"fallback_confidence": None, "budget_unit": "rollouts"})
+@register("knapsack")
+def knapsack(request: AllocationRequest) -> AllocationResult:
+    """Knapsack RL at B = prompts_per_step x N_avg: `allocate_rollouts` with the settings'
+    rules, value and fallback; `budget_unit: tokens` spends as many expected completion
+    tokens instead (exact rules, no fallback).
+    """
+    config = request.config
+    if config.budget_unit == "tokens":
+        costs = request.tokens_per_rollout
+        return allocate_rollouts_by_tokens(
+            request.success_rates,
+            costs,
+            request.budget_rollouts * float(costs.mean()),
+            min_rollouts=config.min_rollouts,
+            max_rollouts=config.max_rollouts,
+            unseen_rollouts=config.rollouts_per_prompt,
+        )
+    return allocate_rollouts(
+        request.success_rates,
+        request.budget_rollouts,
+        strategy="knapsack",
+        rules=config.allocation_rules,
+        min_rollouts=config.min_rollouts,
+        max_rollouts=config.max_rollouts,
+        unseen_rollouts=config.rollouts_per_prompt,
+        negative_rollouts=config.unsolved_rollouts,
+        positive_rollouts=config.solved_rollouts,
+        fallback_confidence=config.fallback_confidence,
+        cost_estimate=config.fallback_cost,
+        value=config.rollout_value,
+    )
+
+
+@register("uniform-2x", budget_multiplier=2)
+@register("uniform")
+def uniform(request: AllocationRequest) -> AllocationResult:
+    """The budget split evenly: N_avg each (uniform), 2 N_avg each (uniform-2x)."""
+    return AllocationResult(
+        uniform_allocate(request.success_rates.size, request.budget_rollouts), 0, 0
+    )
+
+
+@register("dynamic-sampling", refill=True)
+def dynamic_sampling(request: AllocationRequest) -> AllocationResult:
+    """DAPO's dynamic sampling: each round's prompts get N_avg rollouts each.
+
+    The rounds (refill until prompts_per_step groups hold both outcomes) are the
+    loop's part, `training.steps.sample_step`.
+    """
+    size = request.success_rates.size
+    return AllocationResult(np.full(size, request.config.rollouts_per_prompt, np.int64), 0, 0)
