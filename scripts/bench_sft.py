@@ -1,0 +1,72 @@
+"""CPU seconds and wall seconds per SFT step of the embedded default, by thread count and
+OpenMP wait policy.
+
+    .venv/bin/python scripts/bench_sft.py [--steps 40] [--threads 2] [--wait active|passive]
+
+Builds the tiny policy and the SFT pool as the bootstrap stage does (params.yaml, seed 0)
+and runs `run_sft` without the stop check. CPU time (`time.process_time`, all threads)
+is the number to compare on a busy machine: spinning OpenMP threads burn it while wall
+time depends on what else runs. Prints the medians over steps 5..N (the first steps pay
+for allocation) and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--wait", choices=["active", "passive"], default="passive")
+    args = parser.parse_args()
+    # Before torch (and pipeline_lib, which defaults it to passive) load OpenMP.
+    os.environ["OMP_WAIT_POLICY"] = args.wait.upper()
+    import time
+
+    import numpy as np
+
+    from pipeline_lib.config import load_config
+    from pipeline_lib.data.synthetic import generate_arithmetic
+    from pipeline_lib.policy.sft import run_sft
+    from pipeline_lib.policy.tiny import build_tiny_qwen2
+    from pipeline_lib.policy.tokenizer import build_char_tokenizer
+
+    config = load_config("params.yaml", {"bootstrap.sft.target_accuracy": None})
+    sft = config.bootstrap.sft.model_copy(update={"steps": args.steps})
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, config.bootstrap.tiny, seed=0)
+    pool = generate_arithmetic(sft.prompts, 0, list(config.prepare.synthetic.levels), "train")
+    cpu, wall = [], []
+    clock = [time.process_time(), time.perf_counter()]
+
+    def on_step(step: int, loss: float) -> None:
+        cpu.append(time.process_time() - clock[0])
+        wall.append(time.perf_counter() - clock[1])
+        clock[:] = [time.process_time(), time.perf_counter()]
+
+    run_sft(
+        model,
+        tokenizer,
+        pool["problem"].tolist(),
+        pool["answer"].tolist(),
+        pool["level"].tolist(),
+        sft,
+        seed=0,
+        num_threads=args.threads,
+        progress=False,
+        on_step=on_step,
+    )
+    print(
+        f"threads {args.threads}, wait {args.wait}: median per step over steps 5-{args.steps}: "
+        f"{np.median(cpu[4:]):.2f} CPU-s, {np.median(wall[4:]):.2f} s wall; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        file=sys.stdout,
+    )
+
+
+if __name__ == "__main__":
+    main()
