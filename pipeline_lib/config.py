@@ -368,7 +368,7 @@ class CompareConfig(Section):
         None,
         description="null: train the runs one after another in this process (one rollout "
         "engine). A Prefect deployment name of flows/compare.py:compare_run, e.g. "
-        "'compare-run/local': each arm x seed becomes a flow run of it (run_deployment), "
+        "'compare-run/compare-local': each arm x seed becomes a flow run of it (run_deployment), "
         "so a work pool's workers run them in parallel.",
     )
     output_dir: str = Field(
