@@ -356,7 +356,7 @@ class CompareConfig(Section):
         "pairs with the other arms' runs of the same seed. Adding a seed runs only it.",
     )
     steps: int = Field(
-        300,
+        250,
         gt=0,
         description="GRPO steps of every arm x seed run (replaces train.steps). Chosen so "
         "the default comparison fits about 90 minutes on 2 CPU cores (README).",
