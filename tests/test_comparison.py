@@ -155,3 +155,12 @@ def test_readme_comparison_block_is_generated_from_the_committed_compare_json():
     readme = (REPO_ROOT / "README.md").read_text()
     block = compare_table.table_block(REPO_ROOT / "metrics" / "compare.json")
     assert compare_table.rewrite(readme, block) == readme
+
+
+def test_the_block_does_not_depend_on_where_compare_json_is_read_from(tmp_path):
+    summary = compare_summary("uniform", arm_runs(records(), ["knapsack", "uniform"]))
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        (folder / "compare.json").write_text(json.dumps(summary))
+    first, second = (compare_table.table_block(tmp_path / f / "compare.json") for f in "ab")
+    assert first == second and "| knapsack | 2 |" in first
