@@ -22,7 +22,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Prefect's state (flow runs, cached task results) stays in the repository.
 export PREFECT_HOME := $(CURDIR)/.prefect
 
-.PHONY: run test test-fast bench mlflow-ui install lock results plots
+.PHONY: run test test-fast bench mlflow-ui install lock results plots compare
 
 install: $(STAMP)
 
@@ -56,6 +56,13 @@ lock:
 run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/with_prefect_server.py -- dvc repro
 	$(BIN)/python scripts/record_final_lock.py
+
+# Allocation strategies compared: params.yaml's `compare` arms x seeds (comparison/dvc.yaml,
+# outside `make run`'s targets), then the README's table regenerated from metrics/compare.json.
+# Finished arm x seed runs are reused; commits nothing (`git diff` shows what changed).
+compare: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/with_prefect_server.py -- dvc repro comparison/dvc.yaml
+	$(BIN)/python scripts/compare_table.py
 
 # pytest exits 5 when it collects no tests: that is a broken suite, not a pass.
 test: $(STAMP)

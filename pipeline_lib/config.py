@@ -339,6 +339,56 @@ class EvaluateConfig(Section):
         return self
 
 
+class CompareConfig(Section):
+    """Stage `compare`: allocation strategies (arms) trained with several seeds each, from
+    the same start policy and data, at each strategy's own budget (the registry's
+    multiplier: uniform-2x spends twice), paired by seed (the prompt order of a step
+    depends on the seed only). Every other training setting is the `train` section's."""
+
+    arms: tuple[StrategyName, ...] = Field(
+        ("knapsack", "uniform", "uniform-2x", "dynamic-sampling"),
+        min_length=1,
+        description="Strategies compared (pipeline_lib/strategies.py); the budget "
+        "multiplier is the strategy's own (uniform-2x: 2x the rollouts of the others).",
+    )
+    seeds: tuple[int, ...] = Field(
+        (0, 1, 2),
+        min_length=1,
+        description="Seeds run for every arm (sampling, prompt order); a run of one arm "
+        "pairs with the other arms' runs of the same seed. Adding a seed runs only it.",
+    )
+    steps: int = Field(
+        250,
+        gt=0,
+        description="GRPO steps of every arm x seed run (replaces train.steps). Chosen so "
+        "the default comparison fits about 90 minutes on 2 CPU cores (README).",
+    )
+    baseline: StrategyName = Field(
+        "uniform", description="The arm every other arm is compared against (one of `arms`)."
+    )
+    deployment: str | None = Field(
+        None,
+        description="null: train the runs one after another in this process (one rollout "
+        "engine). A Prefect deployment name of flows/compare.py:compare_run, e.g. "
+        "'compare-run/compare-local': each arm x seed becomes a flow run of it (run_deployment), "
+        "so a work pool's workers run them in parallel.",
+    )
+    output_dir: str = Field(
+        "outputs/compare",
+        description="Finished runs' results, one folder per arm x seed under `runs/`, named "
+        "by a hash of everything the run depends on: a finished run is never trained again.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompareConfig:
+        for name, values in (("arms", self.arms), ("seeds", self.seeds)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {list(values)}")
+        if self.baseline not in self.arms:
+            raise ValueError(f"baseline {self.baseline!r} is not among the arms {list(self.arms)}")
+        return self
+
+
 class TrackingConfig(Section):
     """Where MLflow writes. MLFLOW_TRACKING_URI, when set, wins over `uri`."""
 
@@ -357,6 +407,7 @@ class PipelineConfig(Section):
     bootstrap: BootstrapConfig = BootstrapConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
 
     def fingerprint(self) -> str:
         """Stable short hash of the configuration, for cache keys and run grouping."""

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from prefect import task
@@ -24,12 +27,14 @@ from pipeline_lib.prompts import PromptSet, encode_prompts
 from pipeline_lib.rollout.base import RolloutEngine
 from pipeline_lib.tracking import Tracker, start_run
 from pipeline_lib.training import (
+    Checkpointer,
     DirectoryCheckpointer,
     TrainingResult,
     TrainingRun,
     TrainState,
     train_policy,
 )
+from pipeline_lib.training.loop import HeldoutEvaluator
 from pipeline_lib.update import LocalUpdater, Updater, UpdateSettings
 from tasks.tracking import find_run_by_tag, prepare_tracking_store
 
@@ -110,35 +115,93 @@ def train_strategy(
     An interrupted run with the same configuration, start policy and data resumes
     from its last checkpoint.
     """
+    key = f"{config.fingerprint()}-{strategy}-{start_hash}-{data_hash}"
+    output_dir = Path(config.train.output_dir) / strategy
+    outcome = run_training(
+        config,
+        strategy,
+        TrainingInputs(start_policy, train_path, heldout_path),
+        engine,
+        DirectoryCheckpointer(STATE_ROOT / strategy, fingerprint=key),
+        lambda resuming: _strategy_run(config, stage_tracker, strategy, key, resuming),
+        output_dir,
+    )
+    return outcome.summary | {
+        "policy_dir": str(output_dir),
+        "steps_csv": str(output_dir / "steps.csv"),
+    }
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """Where a run's start policy and prompt tables are."""
+
+    start_policy: str
+    train_path: str
+    heldout_path: str
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """A finished run: the loop's result, its summary, the final per-prompt scores."""
+
+    result: TrainingResult
+    summary: dict[str, float]
+    prompt_scores: np.ndarray
+    """float[eval_prompts] mean reward per held-out prompt at the end of training."""
+    run_id: str | None
+
+
+def run_training(
+    config: PipelineConfig,
+    strategy: str,
+    inputs: TrainingInputs,
+    engine: RolloutEngine,
+    checkpointer: Checkpointer,
+    open_run: Callable[[bool], AbstractContextManager[Tracker]],
+    output_dir: Path,
+    save_policy_dir: bool = True,
+) -> TrainingOutcome:
+    """The code path of every training run (stage `train`, each run of `compare`).
+
+    `open_run(resuming)` opens the run's MLflow run; `checkpointer` holds its resumable
+    state. Writes steps.csv and train_summary.json (and the policy, unless told not
+    to) into `output_dir`.
+    """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    model, tokenizer = load_policy(start_policy)
+    model, tokenizer = load_policy(inputs.start_policy)
     if torch.cuda.is_available() and config.train.update_processes == 1:
         model.to("cuda")  # the update runs in this process: on the GPU (a group places its own)
     engine.update_weights(model.state_dict())  # the engine may hold another run's weights
-    key = f"{config.fingerprint()}-{strategy}-{start_hash}-{data_hash}"
-    checkpointer = DirectoryCheckpointer(STATE_ROOT / strategy, fingerprint=key)
     state = checkpointer.restore(model) or TrainState()
     run = TrainingRun(
         model=model,
         tokenizer=tokenizer,
-        train_set=prompt_set(train_path, tokenizer, config),
-        heldout_set=prompt_set(heldout_path, tokenizer, config),
+        train_set=prompt_set(inputs.train_path, tokenizer, config),
+        heldout_set=prompt_set(inputs.heldout_path, tokenizer, config),
         config=config.train,
         strategy=strategy,
         seed=config.seed,
     )
-    output_dir = Path(config.train.output_dir) / strategy
+    output_dir.mkdir(parents=True, exist_ok=True)
     with (
-        _strategy_run(config, stage_tracker, strategy, key, state.step > 0) as tracker,
+        open_run(state.step > 0) as tracker,
         # Opened after the restore: a worker group copies the model's weights when it starts.
-        contextlib.closing(open_updater(model, config.train, start_policy)) as updater,
+        contextlib.closing(open_updater(model, config.train, inputs.start_policy)) as updater,
     ):
         tracker.log_params({"strategy": strategy})
         result = train_policy(run, state, engine, updater, tracker, checkpointer)
-        save_policy(model, tokenizer, output_dir)
+        scores = result.final_prompt_scores
+        if scores is None:  # the run was complete before this call: evaluate it again
+            evaluate = HeldoutEvaluator(run, engine)
+            evaluate()
+            scores = evaluate.last_scores
+        if save_policy_dir:
+            save_policy(model, tokenizer, output_dir)
+            tracker.log_artifact(str(output_dir), "policy")
         summary = _write_outputs(result, output_dir, tracker)
-    return summary | {"policy_dir": str(output_dir), "steps_csv": str(output_dir / "steps.csv")}
+    return TrainingOutcome(result, summary, np.asarray(scores), tracker.run_id)
 
 
 def _write_outputs(result: TrainingResult, output_dir: Path, tracker: Tracker) -> dict[str, float]:
@@ -155,6 +218,5 @@ def _write_outputs(result: TrainingResult, output_dir: Path, tracker: Tracker) -
     }
     tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()})
     tracker.log_artifact(str(steps_csv), "metrics")
-    tracker.log_artifact(str(output_dir), "policy")
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

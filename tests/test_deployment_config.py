@@ -34,7 +34,9 @@ def test_every_deployment_runs_the_pipeline_flow_with_its_own_parameters(deploym
     monkeypatch.chdir(REPO_ROOT)
     for deployment in deployments.values():
         flow = load_flow_from_entrypoint(deployment["entrypoint"])
-        assert flow.name == "pipeline"
+        # compare-local: one arm x seed run of `make compare` (compare.deployment).
+        expected = "compare-run" if deployment["name"] == "compare-local" else "pipeline"
+        assert flow.name == expected, deployment["name"]
         signature = inspect.signature(flow.fn)
         assert set(deployment["parameters"]) <= set(signature.parameters), deployment["name"]
 

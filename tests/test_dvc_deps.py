@@ -9,7 +9,12 @@ import yaml
 
 from tests.import_graph import ROOT, closure, import_graph, module_files
 
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# comparison/dvc.yaml holds the `compare` stage (outside `dvc repro`'s default target);
+# its paths are relative to the repository root (wdir: ..), like the root file's.
+STAGES = (
+    yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    | yaml.safe_load((ROOT / "comparison" / "dvc.yaml").read_text())["stages"]
+)
 # Files a stage's flow reads besides params.yaml and its modules.
 READS = {"evaluate": ["metrics/train.json"]}
 
@@ -36,6 +41,10 @@ def test_stage_deps_cover_every_module_its_flow_imports(stage):
     )
     missing += [path for path in READS.get(stage, []) if not covered(path, deps)]
     assert not missing, f"stage {stage} does not depend on: {missing}"
+
+
+def test_the_compare_stage_runs_from_the_repository_root():
+    assert STAGES["compare"]["wdir"] == ".."
 
 
 def test_the_check_sees_lazy_imports_and_package_inits():

@@ -1,0 +1,190 @@
+"""Stage `compare`: allocation strategies (arms) x seeds at their own budgets, paired by seed.
+
+`compare` trains every arm x seed run that has no finished record yet, then writes
+metrics/compare.json (pipeline_lib/compare_stats.py), the plots and the curves.
+Locally (`compare.deployment: null`) the runs train one after another in this
+process with one rollout engine; with a deployment name each run is a flow run of
+that deployment of `compare_run` (`run_deployment`), which a work pool's workers
+run in parallel, each with its own engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import load_stage_config, run_flow_cli
+from flows.train import heldout_table
+from pipeline_lib.comparison import RunInputs
+from pipeline_lib.config import PipelineConfig
+from tasks.compare import (
+    cached_record,
+    comparison_run,
+    log_reused_run,
+    run_inputs,
+    save_record,
+    train_arm_seed,
+    write_comparison,
+)
+from tasks.engines import open_engine
+from tasks.prepare import TRAIN_FILE
+
+METRICS_PATH = Path("metrics/compare.json")
+PLOTS_DIR = Path("metrics/compare")
+
+
+def shared_inputs(config: PipelineConfig) -> RunInputs:
+    """The start policy, data and code every run of this comparison starts from."""
+    prepared = Path(config.prepare.output_dir)
+    return run_inputs(config, prepared / TRAIN_FILE, heldout_table(prepared))
+
+
+class Stopwatch:
+    """Wall seconds per named phase of the flow (to report its overhead)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+@flow(name="compare", log_prints=True)
+def compare(params_path: str = "params.yaml", overrides: dict | None = None) -> dict:
+    """Every arm x seed of `compare` (finished runs reused), then compare.json and plots."""
+    clock = Stopwatch()
+    with clock.phase("setup"):
+        config = load_stage_config(params_path, overrides)
+        inputs = shared_inputs(config)
+        # Seed-major: each seed's arms finish together, so a stopped comparison leaves pairs.
+        pairs = [(arm, seed) for seed in config.compare.seeds for arm in config.compare.arms]
+    with comparison_run(config) as parent:
+        records, missing = [], []
+        with clock.phase("reuse"):
+            for arm, seed in pairs:
+                record = cached_record(config, arm, seed, inputs)
+                if record is None:
+                    missing.append((arm, seed))
+                else:
+                    log_reused_run(parent, record)
+                    records.append(record)
+        print(f"{len(records)} runs reused, {len(missing)} to train: {missing}")
+        if config.compare.deployment is None:
+            trained = train_locally(config, missing, inputs, str(parent.run_id), clock)
+        else:
+            trained = train_deployed(config, missing, inputs, params_path, overrides, parent)
+        with clock.phase("outputs"):
+            summary = write_comparison(config, records + trained, METRICS_PATH, PLOTS_DIR, parent)
+        timing = overhead(clock, trained)
+        parent.log_metrics({f"compare/{k}": v for k, v in timing.items()})
+    print(f"compare: {json.dumps(timing)}")
+    return summary | {"timing": timing}
+
+
+def train_locally(
+    config: PipelineConfig,
+    pairs: list[tuple[str, int]],
+    inputs: RunInputs,
+    parent_id: str,
+    clock: Stopwatch,
+) -> list[dict]:
+    """The runs one after another in this process, one rollout engine for all."""
+    if not pairs:
+        return []
+    train, records = config.train, []
+    with ExitStack() as stack:
+        with clock.phase("engine"):
+            engine = stack.enter_context(
+                open_engine(
+                    train.backend, inputs.start_policy, config.seed, train.vllm_engine_kwargs
+                )
+            )
+        for arm, seed in pairs:
+            with clock.phase("runs"):
+                records.append(train_arm_seed(config, arm, seed, inputs, engine, parent_id))
+    return records
+
+
+@task(cache_policy=NO_CACHE, task_run_name="deployment-{arm}-seed{seed}")
+def deployed_run(
+    deployment: str, arm: str, seed: int, parameters: dict[str, Any], parent_id: str
+) -> dict:
+    """One arm x seed as a flow run of `deployment`; its record is the run's result."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        deployment,
+        parameters=parameters | {"arm": arm, "seed": seed, "parent_run_id": parent_id},
+        flow_run_name=f"compare-{arm}-seed{seed}",
+        timeout=None,
+    )
+    if flow_run.state is None or not flow_run.state.is_completed():
+        raise RuntimeError(f"flow run {flow_run.name} of {deployment} ended {flow_run.state}")
+    return flow_run.state.result()
+
+
+def train_deployed(
+    config: PipelineConfig,
+    pairs: list[tuple[str, int]],
+    inputs: RunInputs,
+    params_path: str,
+    overrides: dict | None,
+    parent,
+) -> list[dict]:
+    """The runs as parallel flow runs of the deployment; their records saved here too
+    (which checks that they trained from this comparison's code, start policy and data)."""
+    parameters = {"params_path": params_path, "overrides": overrides}
+    futures = [
+        deployed_run.submit(config.compare.deployment, arm, seed, parameters, str(parent.run_id))
+        for arm, seed in pairs
+    ]
+    records = [future.result() for future in futures]
+    for record in records:
+        save_record(config, record, inputs)
+    return records
+
+
+def overhead(clock: Stopwatch, trained: list[dict]) -> dict[str, float]:
+    """The flow's time outside its training runs (`train_seconds` of each trained run),
+    absolute and as a share of the flow's wall time, and the phases it went to."""
+    total = time.perf_counter() - clock.started
+    training = sum(record["train_seconds"] for record in trained)
+    return {
+        "total_seconds": total,
+        "training_seconds": training,
+        "overhead_seconds": total - training,
+        "overhead_share": (total - training) / total if total else 0.0,
+    } | {f"{name}_seconds": seconds for name, seconds in clock.seconds.items()}
+
+
+@flow(name="compare-run", log_prints=True, persist_result=True)
+def compare_run(
+    arm: str,
+    seed: int,
+    parent_run_id: str | None = None,
+    params_path: str = "params.yaml",
+    overrides: dict | None = None,
+) -> dict:
+    """One arm x seed run of a comparison (what `compare.deployment` runs), its record."""
+    config = load_stage_config(params_path, overrides)
+    inputs = shared_inputs(config)
+    train = config.train
+    with open_engine(train.backend, inputs.start_policy, seed, train.vllm_engine_kwargs) as engine:
+        return train_arm_seed(config, arm, seed, inputs, engine, parent_run_id)
+
+
+if __name__ == "__main__":
+    run_flow_cli(compare, section="compare")

@@ -1,0 +1,166 @@
+"""The comparison's config, run keys (what makes a finished run reusable), records, plots and
+the README table generated from compare.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib import compare_plots
+from pipeline_lib.compare_stats import compare_summary
+from pipeline_lib.comparison import (
+    RunInputs,
+    arm_runs,
+    curves_table,
+    egr_table,
+    run_config,
+    run_key,
+    run_record,
+)
+from pipeline_lib.config import ConfigError, parse_config
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import compare_table  # noqa: E402
+
+INPUTS = RunInputs("models/start", "s1", "train.parquet", "heldout.parquet", "d1", "c1")
+
+
+def test_compare_defaults_are_four_arms_three_seeds_against_uniform():
+    compare = parse_config({}).compare
+    assert compare.arms == ("knapsack", "uniform", "uniform-2x", "dynamic-sampling")
+    assert compare.seeds == (0, 1, 2) and compare.baseline == "uniform"
+    assert compare.deployment is None
+
+
+@pytest.mark.parametrize(
+    ("compare", "message"),
+    [
+        ({"baseline": "uniform-2x", "arms": ["knapsack", "uniform"]}, "baseline 'uniform-2x'"),
+        ({"seeds": [0, 0]}, "seeds must not repeat"),
+        ({"arms": ["knapsack", "knapsack", "uniform"]}, "arms must not repeat"),
+        ({"arms": ["knapsak", "uniform"]}, "compare.arms.0"),
+        ({"seeds": []}, "compare.seeds"),
+        ({"steps": 0}, "compare.steps"),
+        ({"step": 10}, "unknown key 'compare.step'"),
+    ],
+)
+def test_bad_compare_settings_fail_naming_the_key(compare, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"compare": compare})
+
+
+def test_every_field_of_the_compare_section_has_a_description():
+    from pipeline_lib.config import CompareConfig
+
+    assert all(field.description for field in CompareConfig.model_fields.values())
+
+
+def test_a_run_trains_with_compare_steps_its_seed_and_its_arm_only():
+    config = parse_config({"compare": {"steps": 7}, "train": {"steps": 400}})
+    settings = run_config(config, "uniform-2x", 2)
+    assert settings.train.steps == 7 and settings.seed == 2
+    assert settings.train.strategies == ("uniform-2x",)
+
+
+def test_a_run_key_ignores_the_other_arms_and_seeds_but_not_its_own_inputs():
+    """Adding a seed or an arm must not invalidate the runs already finished."""
+    config = parse_config({})
+    key = run_key(config, "knapsack", 0, INPUTS)
+    more = parse_config({"compare": {"seeds": [0, 1, 2, 3], "arms": ["knapsack", "uniform"]}})
+    assert run_key(more, "knapsack", 0, INPUTS) == key
+    assert run_key(config, "knapsack", 1, INPUTS) != key
+    assert run_key(config, "uniform", 0, INPUTS) != key
+    assert run_key(parse_config({"compare": {"steps": 5}}), "knapsack", 0, INPUTS) != key
+    assert run_key(parse_config({"train": {"learning_rate": 1e-3}}), "knapsack", 0, INPUTS) != key
+    for field in ("start_hash", "data_hash", "code_hash"):
+        changed = RunInputs(**(INPUTS.__dict__ | {field: "other"}))
+        assert run_key(config, "knapsack", 0, changed) != key, field
+
+
+def fake_steps(accuracies: list[float], rollouts_per_step: float) -> pd.DataFrame:
+    """A metric history with an evaluation every step."""
+    rows = []
+    for step, accuracy in enumerate(accuracies):
+        rows.append(
+            {
+                "step": step,
+                "eval/accuracy": accuracy,
+                "rollout/effective_gradient_ratio": np.nan if step == 0 else 0.5,
+                "compute/rollouts_total": step * rollouts_per_step,
+                "compute/completion_tokens_total": step * rollouts_per_step * 4,
+                "compute/seconds_total": step * 1.5,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def records() -> list[dict]:
+    made = []
+    for arm, rate, shift in (("knapsack", 100.0, 0.1), ("uniform", 100.0, 0.0)):
+        for seed in (1, 0):
+            scores = np.clip(np.linspace(0.2, 0.8, 6) + shift + 0.01 * seed, 0, 1)
+            steps = fake_steps([0.3, 0.4 + shift, float(scores.mean())], rate)
+            made.append(run_record(arm, seed, f"k{seed}", steps, scores, 3.0, None))
+    return made
+
+
+def test_records_survive_json_and_feed_the_statistics_seeds_in_order():
+    loaded = [json.loads(json.dumps(r)) for r in records()]
+    runs = arm_runs(loaded, ["knapsack", "uniform"])
+    assert runs["knapsack"].seeds == (0, 1)
+    assert runs["knapsack"].prompt_scores.shape == (2, 6)
+    summary = compare_summary("uniform", runs)
+    assert summary["arms"]["knapsack"]["vs_baseline"]["difference"] == pytest.approx(0.1, abs=0.02)
+    assert summary["arms"]["uniform"]["rollouts"] == 200.0
+
+
+def test_a_missing_arm_is_an_error_not_an_empty_row():
+    with pytest.raises(ValueError, match="no finished run of arm 'uniform-2x'"):
+        arm_runs(records(), ["knapsack", "uniform-2x"])
+
+
+@pytest.mark.parametrize("x", ["rollouts", "tokens", "seconds"])
+def test_accuracy_plots_have_one_line_and_one_band_per_arm(x):
+    figure = compare_plots.accuracy_vs_compute(curves_table(records()), x, ["knapsack", "uniform"])
+    ax = figure.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["knapsack (2 seeds)", "uniform (2 seeds)"]
+    assert len(ax.collections) == 2  # the bands over seeds
+
+
+def test_effective_gradient_ratio_plot_has_a_line_per_arm():
+    figure = compare_plots.effective_gradient_ratio_per_step(
+        egr_table(records()), ["knapsack", "uniform"]
+    )
+    assert len(figure.axes[0].lines) == 2
+
+
+def test_the_readme_table_is_rewritten_between_the_markers_only():
+    summary = compare_summary("uniform", arm_runs(records(), ["knapsack", "uniform"]))
+    readme = f"intro\n{compare_table.START}\nold\n{compare_table.END}\noutro\n"
+    block = "| new |"
+    assert compare_table.rewrite(readme, block) == (
+        f"intro\n{compare_table.START}\n{block}\n{compare_table.END}\noutro\n"
+    )
+    assert summary["arms"]["knapsack"]["accuracy_mean"] > 0
+
+
+def test_readme_comparison_block_is_generated_from_the_committed_compare_json():
+    """The README's table equals what scripts/compare_table.py makes of metrics/compare.json
+    (or the placeholder while no comparison is committed): it is never typed by hand."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = compare_table.table_block(REPO_ROOT / "metrics" / "compare.json")
+    assert compare_table.rewrite(readme, block) == readme
+
+
+def test_the_block_does_not_depend_on_where_compare_json_is_read_from(tmp_path):
+    summary = compare_summary("uniform", arm_runs(records(), ["knapsack", "uniform"]))
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        (folder / "compare.json").write_text(json.dumps(summary))
+    first, second = (compare_table.table_block(tmp_path / f / "compare.json") for f in "ab")
+    assert first == second and "| knapsack | 2 |" in first
