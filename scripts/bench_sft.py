@@ -39,7 +39,7 @@ def main() -> None:
     sft = config.bootstrap.sft.model_copy(update={"steps": args.steps})
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(tokenizer, config.bootstrap.tiny, seed=0)
-    pool = generate_arithmetic(sft.prompts, 0, list(config.prepare.synthetic.levels), "train")
+    pool = generate_arithmetic(sft.prompts, 0, list(config.prepare.synthetic.levels), split="train")
     cpu, wall = [], []
     clock = [time.process_time(), time.perf_counter()]
 
