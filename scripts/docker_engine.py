@@ -90,7 +90,7 @@ class DockerEngine:
 
 
 def log(message: str) -> None:
-    print(f"[docker] {message}", file=sys.stderr, flush=True)
+    print(f"[docker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def ensure_packages(packages: Sequence[str] = APT_PACKAGES) -> None:
@@ -100,6 +100,7 @@ def ensure_packages(packages: Sequence[str] = APT_PACKAGES) -> None:
     if os.geteuid() != 0:
         raise RuntimeError(f"{' '.join(packages)} missing and not root: apt-get install them")
     log(f"installing {' '.join(packages)} with apt-get")
+    started = time.monotonic()
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
     for args in (
         ["apt-get", "update", "-qq"],
@@ -110,6 +111,7 @@ def ensure_packages(packages: Sequence[str] = APT_PACKAGES) -> None:
             raise RuntimeError(
                 f"{' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
             )
+    log(f"installed {' '.join(packages)} in {time.monotonic() - started:.0f} s")
 
 
 def _stop_group(pid: int, grace_s: float) -> None:

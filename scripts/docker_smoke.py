@@ -2,6 +2,7 @@
 
     python scripts/docker_smoke.py            # what `make docker-smoke` runs (as root)
     python scripts/docker_smoke.py --keep     # keep the work folder (logs, project copy)
+    python scripts/docker_smoke.py --build-only   # steps 1-3: (re)build the image, time it
 
 Steps, each stopped by PID when the run ends, fails or is interrupted (Ctrl-C, SIGTERM):
 1. its own `dockerd` (scripts/docker_engine.py; docker.io and debootstrap are installed
@@ -426,6 +427,17 @@ def remove_smoke_containers(engine: DockerEngine) -> None:
         engine.docker("rm", "-f", *ids.split(), check=False)
 
 
+def build_only(workdir: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> SmokeResult:
+    """Steps 1-3 alone: the daemon, the base image and the CPU image (to time a rebuild)."""
+    result = SmokeResult()
+    with running_dockerd(cache_dir) as engine:
+        result.started_pids["dockerd"] = engine.pid
+        result.base_image_s = ensure_base_image(engine, cache_dir)
+        result.build_s = build_cpu_image(engine, workdir / "build.log")
+        result.image_mb = engine.image_size_mb(CPU_IMAGE)
+    return result
+
+
 def run_smoke(
     workdir: Path, cache_dir: Path = DEFAULT_CACHE_DIR, timeout_s: float = 1500
 ) -> SmokeResult:
@@ -497,10 +509,16 @@ def run_smoke(
     return result
 
 
+def report_build(result: SmokeResult) -> str:
+    return (
+        f"base image: {'reused' if not result.base_image_s else f'{result.base_image_s:.0f} s'}\n"
+        f"build of {CPU_IMAGE}: {result.build_s:.0f} s, image {result.image_mb:.0f} MB"
+    )
+
+
 def report(result: SmokeResult) -> str:
     lines = [
-        f"base image: {'reused' if not result.base_image_s else f'{result.base_image_s:.0f} s'}",
-        f"build of {CPU_IMAGE}: {result.build_s:.0f} s, image {result.image_mb:.0f} MB",
+        report_build(result),
         f"container: {json.dumps(result.container)}",
         f"flow run time (Prefect): {result.flow_run_s}",
         f"S3 objects in s3://{BUCKET}: {result.s3_objects}",
@@ -524,11 +542,18 @@ def main(argv: list[str]) -> int:
         default=DEFAULT_CACHE_DIR,
         help="dockerd's data root and the base image live here",
     )
+    parser.add_argument(
+        "--build-only", action="store_true", help="only (re)build the image and report its time"
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="knapsack-docker-smoke-"))
     started = time.monotonic()
     try:
+        if args.build_only:
+            result = build_only(workdir, args.cache_dir)
+            print(report_build(result))
+            return 0
         result = run_smoke(workdir, args.cache_dir)
         if result.logs:
             print(result.logs, file=sys.stderr)
