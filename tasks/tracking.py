@@ -333,13 +333,16 @@ def stage_links(config: PipelineConfig, parent: str) -> str:
     return "Stage runs: " + " · ".join(reversed(links)) if links else ""
 
 
-def record_final_lock(config: PipelineConfig, lock: Path = Path("dvc.lock")) -> str | None:
+def record_final_lock(
+    config: PipelineConfig, lock: Path = Path("dvc.lock"), parent: str | None = None
+) -> str | None:
     """After `dvc repro`: log the final dvc.lock into the parent run and its stage runs.
 
     DVC writes a stage's lock entry after the stage's process has ended, so only this
-    copy pins what every run produced. Returns the parent run id (None: no parent).
+    copy pins what every run produced. `parent` defaults to this pipeline run's parent.
+    Returns the parent run id (None: no parent).
     """
-    parent = pipeline_parent(config)
+    parent = parent or pipeline_parent(config)
     if parent is None or not lock.exists():
         return None
     append_to_run(config, parent).log_artifact(lock, LOCK_ARTIFACT_DIRS["parent"])
