@@ -209,3 +209,17 @@ def test_parent_run_spans_the_stages_and_carries_the_answer(config, tmp_path):
         assert run.info.end_time == ended[run.info.run_id]
     artifacts = client.list_artifacts(runs["train"].info.run_id, "pipeline")
     assert "pipeline/dvc.lock" in [a.path for a in artifacts]
+
+
+def test_readme_results_table_is_the_committed_reference_run():
+    """The README's table shows what `make results` prints for the committed metrics
+    (a new reference run must update both)."""
+    summary = json.loads((REPO_ROOT / "metrics" / "summary.json").read_text())
+    expected = headline_rows(summary, ["knapsack", "uniform"])
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in readme.splitlines()
+        if line.startswith(("| start (SFT) |", "| knapsack |", "| uniform |"))
+    ]
+    assert [row[1:] for row in table] == [row[1:] for row in expected]
