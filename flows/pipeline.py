@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.common import load_stage_config, run_flow_cli
 from tasks.storage import push_outputs, record_pushed_state
-from tasks.tracking import PARENT_ENV, find_or_create_parent
+from tasks.tracking import PARENT_ENV, find_or_create_parent, record_final_lock
 
 
 def dvc_command(overrides: dict[str, Any] | None) -> list[str]:
@@ -43,6 +43,8 @@ def pipeline(
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}")
+    # The lock DVC wrote at the end pins every stage's outputs: into the MLflow runs.
+    record_final_lock(config, parent=env[PARENT_ENV])
     if push:
         pushed = push_outputs()
         record_pushed_state(config, env[PARENT_ENV], pushed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("revisions", nargs="*", help="git revisions to compare (dvc plots diff)")
     parser.add_argument("-o", "--out", type=Path, default=OUTPUT_DIR, help="output folder")
     args = parser.parse_args(argv)
-    page = write_plots(args.revisions, args.out)
-    print(f"file://{page.resolve()}", file=sys.stderr)
+    write_plots(args.revisions, args.out)  # DVC prints the page's file:// address
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ def prefect_server(
     env = dict(os.environ if env is None else env) | {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
+        # The UI's pages call this API, not Prefect's default port 4200: the "View at"
+        # links in the stage logs work while the run lasts.
+        "PREFECT_UI_API_URL": api_url,
     }
     launch = supervisor.popen if supervisor is not None else subprocess.Popen
     process = launch(

@@ -39,6 +39,11 @@ PIPELINE_KEY_TAG = "knapsack_rl.pipeline_key"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
+# A run's colour in the MLflow UI's charts and tables (what its colour picker stores).
+# Per strategy, the colours of the DVC plots (.dvc/plots/*.json's colour scale), so a
+# strategy looks the same everywhere.
+RUN_COLOR_TAG = "mlflow.runColor"
+STRATEGY_COLORS = {"knapsack": "#d62728", "uniform": "#1f77b4"}
 # Where `make mlflow-ui` serves the UI; links in Prefect and in run descriptions use it.
 MLFLOW_UI_ENV = "KNAPSACK_RL_MLFLOW_UI"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
@@ -207,6 +212,10 @@ class ProgressTracker:
 
     @contextmanager
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+        """A nested run; a strategy's run (tag `strategy`) also gets its colour."""
+        color = STRATEGY_COLORS.get(str((tags or {}).get("strategy")))
+        if color is not None:
+            tags = {**tags, RUN_COLOR_TAG: color}
         with self._inner.child(run_name, tags) as child:
             yield ProgressTracker(child, run_name, self._every)
 
@@ -324,13 +333,16 @@ def stage_links(config: PipelineConfig, parent: str) -> str:
     return "Stage runs: " + " · ".join(reversed(links)) if links else ""
 
 
-def record_final_lock(config: PipelineConfig, lock: Path = Path("dvc.lock")) -> str | None:
+def record_final_lock(
+    config: PipelineConfig, lock: Path = Path("dvc.lock"), parent: str | None = None
+) -> str | None:
     """After `dvc repro`: log the final dvc.lock into the parent run and its stage runs.
 
     DVC writes a stage's lock entry after the stage's process has ended, so only this
-    copy pins what every run produced. Returns the parent run id (None: no parent).
+    copy pins what every run produced. `parent` defaults to this pipeline run's parent.
+    Returns the parent run id (None: no parent).
     """
-    parent = pipeline_parent(config)
+    parent = parent or pipeline_parent(config)
     if parent is None or not lock.exists():
         return None
     append_to_run(config, parent).log_artifact(lock, LOCK_ARTIFACT_DIRS["parent"])

@@ -98,7 +98,7 @@ def _strategy_run(
     return stage_tracker.child(f"train/{strategy}", tags=tags)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="train-{strategy}")  # the run says which
 def train_strategy(
     config: PipelineConfig,
     strategy: str,

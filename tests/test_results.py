@@ -23,6 +23,8 @@ from tasks.tracking import (
     EXPERIMENT_KIND_TAG,
     NOTE_TAG,
     PARENT_ENV,
+    RUN_COLOR_TAG,
+    STRATEGY_COLORS,
     ProgressTracker,
     record_final_lock,
     stage_run,
@@ -113,7 +115,10 @@ def test_each_plot_is_defined_once_with_axes_titles_and_a_template():
         assert {"x", "y", "title", "x_label", "y_label", "template"} <= set(plot), name
         assert (REPO_ROOT / plot["template"]).exists()
         template = json.loads((REPO_ROOT / plot["template"]).read_text())
-        assert template["encoding"]["color"]["field"] == "field", "one colour per strategy"
+        color = template["encoding"]["color"]
+        assert color["field"] == "field", "one colour per strategy"
+        scale = color["scale"]
+        assert dict(zip(scale["domain"], scale["range"], strict=True)) == STRATEGY_COLORS
 
 
 def test_offline_template_inlines_the_libraries_and_drops_dvc_cdn_tags():
@@ -192,6 +197,7 @@ def test_parent_run_spans_the_stages_and_carries_the_answer(config, tmp_path):
     assert "| knapsack | 0.669 (0.623-0.715)" in parent.data.tags[NOTE_TAG]
     assert "[train](#/experiments/" in parent.data.tags[NOTE_TAG]
     knapsack = runs["train/knapsack"]
+    assert knapsack.data.tags[RUN_COLOR_TAG] != runs["train/uniform"].data.tags[RUN_COLOR_TAG]
     assert knapsack.data.metrics["heldout/arithmetic/pass_at_4"] == 0.8
     assert knapsack.data.params["train.steps"] == str(config.train.steps)
 
@@ -203,3 +209,17 @@ def test_parent_run_spans_the_stages_and_carries_the_answer(config, tmp_path):
         assert run.info.end_time == ended[run.info.run_id]
     artifacts = client.list_artifacts(runs["train"].info.run_id, "pipeline")
     assert "pipeline/dvc.lock" in [a.path for a in artifacts]
+
+
+def test_readme_results_table_is_the_committed_reference_run():
+    """The README's table shows what `make results` prints for the committed metrics
+    (a new reference run must update both)."""
+    summary = json.loads((REPO_ROOT / "metrics" / "summary.json").read_text())
+    expected = headline_rows(summary, ["knapsack", "uniform"])
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in readme.splitlines()
+        if line.startswith(("| start (SFT) |", "| knapsack |", "| uniform |"))
+    ]
+    assert [row[1:] for row in table] == [row[1:] for row in expected]

@@ -1,5 +1,5 @@
-"""Browser checks: fixtures for Chromium (installed with apt when missing, as in CI) and
-screenshots of the page under test saved when a check fails."""
+"""Browser checks: fixtures for Chromium and chromedriver (installed with apt when missing,
+as on a fresh CI machine) and a screenshot of the page under test when a check fails."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.chromium import chromium_binary, screenshot
+from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary
 from tests.conftest import REPO_ROOT
 
 # Screenshots of failed checks (CI keeps the folder as the run's artifacts).
 ARTIFACTS = Path(os.environ.get("BROWSER_ARTIFACTS", REPO_ROOT / "test-artifacts" / "browser"))
 APT_PACKAGES = ("chromium", "chromium-driver")
+APT_LOCK_WAIT_S = 600
 
 
 def install_chromium() -> None:
@@ -28,46 +29,47 @@ def install_chromium() -> None:
             f"install {' '.join(APT_PACKAGES)}, or deselect with -m 'not browser'"
         )
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    # Another apt run (unattended-upgrades in CI, a colleague's install here) holds the
+    # dpkg lock for a while: wait for it instead of failing at once.
+    wait_for_lock = ["-o", f"DPkg::Lock::Timeout={APT_LOCK_WAIT_S}"]
     started = time.monotonic()
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", *wait_for_lock, "update", "-qq"], check=True, env=env, timeout=900)
     subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
+        ["apt-get", *wait_for_lock, "install", "-y", "-qq", "--no-install-recommends"]
+        + list(APT_PACKAGES),
         check=True,
         env=env,
-        timeout=900,
+        timeout=900 + APT_LOCK_WAIT_S,
     )
     print(f"installed {' '.join(APT_PACKAGES)} in {time.monotonic() - started:.0f} s")
 
 
 @pytest.fixture(scope="session")
-def chromium() -> str:
-    binary = chromium_binary()
-    if binary is None:
+def chromium() -> tuple[str, str]:
+    """(chromium, chromedriver), installed with apt when either is missing."""
+    if chromium_binary() is None or chromedriver_binary() is None:
         install_chromium()
-        binary = chromium_binary()
-    assert binary, "chromium is still missing after apt-get install"
-    return binary
-
-
-class PageShot:
-    """Remembers the page a test looks at; the hook below screenshots it on failure."""
-
-    def __init__(self) -> None:
-        self.url: str | None = None
+    binary, driver = chromium_binary(), chromedriver_binary()
+    assert binary and driver, "chromium or chromedriver is still missing after apt-get install"
+    return binary, driver
 
 
 @pytest.fixture
-def page(request: pytest.FixtureRequest, chromium: str) -> Iterator[PageShot]:
-    shot = PageShot()
-    yield shot
-    report = getattr(request.node, "rep_call", None)
-    if shot.url and report is not None and report.failed:
-        path = ARTIFACTS / f"{request.node.name}.png"
-        try:
-            screenshot(chromium, shot.url, path)
-            print(f"screenshot of {shot.url}: {path}")
-        except Exception as error:  # a failed screenshot must not hide the test's failure
-            print(f"no screenshot of {shot.url}: {error}")
+def browser(request: pytest.FixtureRequest, chromium: tuple[str, str]) -> Iterator[Browser]:
+    """A headless Chromium session; when the test fails, a screenshot of the page as the
+    test left it goes to test-artifacts/browser/<test>.png."""
+    session = Browser(*chromium)
+    try:
+        yield session
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            path = ARTIFACTS / f"{request.node.name}.png"
+            try:
+                print(f"screenshot of the page: {session.screenshot(path)}")
+            except Exception as error:  # a failed screenshot must not hide the failure
+                print(f"no screenshot: {error}")
+    finally:
+        session.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

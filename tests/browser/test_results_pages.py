@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.chromium import dump_dom
 from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from mlflow_link import experiment_url  # noqa: E402
 
 pytestmark = [pytest.mark.browser]
 
@@ -65,7 +67,7 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def test_dvc_plots_page_draws_both_charts_offline(chromium, page, tmp_path):
+def test_dvc_plots_page_draws_both_charts_offline(browser, tmp_path):
     out = tmp_path / "dvc_plots"
     env = os.environ | QUIET | {"PATH": f"{BIN}:{os.environ['PATH']}"}
     subprocess.run(
@@ -77,19 +79,19 @@ def test_dvc_plots_page_draws_both_charts_offline(chromium, page, tmp_path):
     )
     html = (out / "index.html").read_text()
     assert not re.search(r"<script[^>]+src=", html), "the page loads a script from elsewhere"
-    page.url = (out / "index.html").as_uri()
-    dom = dump_dom(chromium, page.url)
-    charts = re.findall(r'<svg[^>]*class="marks"', dom)
-    assert len(charts) == 2, (
-        f"expected 2 charts (accuracy, effective-gradient ratio), got {len(charts)}"
+    browser.open((out / "index.html").as_uri())
+    charts = browser.wait_for_count("svg.marks", 2)
+    assert charts == 2, f"expected 2 charts (accuracy, effective-gradient ratio), got {charts}"
+    legend = browser.script(
+        "return [...document.querySelectorAll('g.role-legend text')].map(t => t.textContent);"
     )
-    assert ">knapsack<" in dom and ">uniform<" in dom, "no legend entry per strategy"
+    assert {"knapsack", "uniform"} <= set(legend), f"no legend entry per strategy: {legend}"
 
 
 @pytest.fixture(scope="module")
-def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
+def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
     """An MLflow store holding one pipeline run made by the stage code, served by
-    `mlflow ui` as `make mlflow-ui` starts it (1 worker); yields (UI base, experiment id)."""
+    `mlflow ui` as `make mlflow-ui` starts it (1 worker); yields (UI base, store, experiment)."""
     from pipeline_lib.config import load_config
     from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
 
@@ -136,20 +138,22 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
     try:
         seconds = wait_for(f"http://127.0.0.1:{port}/health", process, 240)
         print(f"mlflow ui (1 worker) answered after {seconds:.1f} s")
-        yield f"http://127.0.0.1:{port}", experiment.experiment_id
+        yield f"http://127.0.0.1:{port}", root / "mlflow.db", config.tracking.experiment
     finally:
         stop(process)
 
 
-def test_mlflow_experiment_link_opens_on_the_training_runs(chromium, page, mlflow_ui):
-    base, experiment_id = mlflow_ui
-    page.url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    dom = dump_dom(chromium, page.url, budget_ms=30000, timeout_s=180)
-    assert "pipeline-" in dom, "the parent run is not listed"
-    assert "Traces" not in dom or "train" in dom
+def test_mlflow_link_opens_the_experiment_on_its_training_runs(browser, mlflow_ui):
+    """The address `make mlflow-ui` prints shows the runs table, not MLflow 3's GenAI
+    overview (where the bare experiment address lands, whatever the experiment's kind)."""
+    base, store, experiment = mlflow_ui
+    browser.open(experiment_url(base, store, experiment))
+    shown = browser.wait_for_text("Run Name", "pipeline-", "matching runs", timeout_s=120)
+    assert "Token Usage" not in shown, "the GenAI overview is shown"
+    assert "workflowType=machine_learning" in browser.script("return location.href;")
 
 
-def test_prefect_ui_on_another_port_lists_the_flow_runs(chromium, page, tmp_path):
+def test_prefect_ui_on_another_port_lists_the_flow_runs(browser, tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = (
@@ -182,9 +186,8 @@ def test_prefect_ui_on_another_port_lists_the_flow_runs(chromium, page, tmp_path
             """
         )
         subprocess.run([sys.executable, "-c", flow], env=env, check=True, timeout=300)
-        page.url = f"http://127.0.0.1:{port}/runs"
-        dom = dump_dom(chromium, page.url, budget_ms=30000, timeout_s=180)
-        assert "Can't connect to Server API" not in dom
-        assert "browser-check-run" in dom, "the flow run is not listed"
+        browser.open(f"http://127.0.0.1:{port}/runs")
+        shown = browser.wait_for_text("browser-check-run", timeout_s=120)
+        assert "Can't connect to Server API" not in shown
     finally:
         stop(server)
