@@ -1,6 +1,9 @@
 """Stage `evaluate`: the starting and trained policies on every held-out benchmark.
 
-Besides `metrics/summary.json` and `metrics/eval.json`, it writes the answer into MLflow:
+DVC's metrics hold each number under one name: `metrics/summary.json` the headline
+(accuracy with its interval per policy on the main benchmark, the training facts from
+`metrics/train.json`), `metrics/eval.json` the rest (per-level accuracy, pass@k, other
+benchmarks). Besides these files, it writes the answer into MLflow:
 the pipeline's parent run gets the headline numbers, `summary.json` and a description
 with the results table and links to the stage runs; each strategy's training run gets
 its train config and its held-out results, so MLflow's Compare shows them side by side.
@@ -38,6 +41,8 @@ TRAIN_KEYS = {
     "rollout_tokens_per_second": "rollout_tokens_per_second",
     "step_seconds": "mean_step_seconds",
 }
+# Per policy on the main benchmark, these are the headline (summary.json), not eval.json.
+HEADLINE_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")
 
 
 @flow(name="evaluate", log_prints=True)
@@ -73,10 +78,10 @@ def evaluate(params_path: str = "params.yaml", overrides: dict | None = None) ->
         summary = summarize(results, benchmarks, config.train.strategies)
         SUMMARY.parent.mkdir(exist_ok=True)
         SUMMARY.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        EVAL.write_text(json.dumps(eval_metrics(results), indent=2, sort_keys=True))
+        main = main_benchmark(benchmarks)
+        EVAL.write_text(json.dumps(eval_metrics(results, main), indent=2, sort_keys=True))
         tracker.log_artifact(str(SUMMARY), "metrics")
         tracker.log_artifact(str(EVAL), "metrics")
-        main = main_benchmark(benchmarks)
         tracker.set_tags({"benchmark": main})
         log_pipeline_result(config, summary, results, main)
     return summary
@@ -118,12 +123,18 @@ def main_benchmark(benchmarks: list[Path]) -> str:
     return SYNTHETIC_BENCHMARK if SYNTHETIC_BENCHMARK in names else names[0]
 
 
-def eval_metrics(results: dict) -> dict:
-    """metrics/eval.json: the results less pass@1, which is the accuracy under another name
-    (the unbiased pass@1 estimate is the mean success over the k samples)."""
+def eval_metrics(results: dict, main: str) -> dict:
+    """metrics/eval.json: the results less the numbers that have another name in DVC's
+    metrics: pass@1 (the accuracy: the unbiased pass@1 estimate is the mean success over
+    the k samples) and, on the main benchmark, the accuracy and its interval (the headline
+    in summary.json)."""
+
+    def kept(bench: str, key: str) -> bool:
+        return key != "pass@1" and not (bench == main and key in HEADLINE_KEYS)
+
     return {
         policy: {
-            bench: {k: v for k, v in metrics.items() if k != "pass@1"}
+            bench: {k: v for k, v in metrics.items() if kept(bench, k)}
             for bench, metrics in per_bench.items()
         }
         for policy, per_bench in results.items()
@@ -139,17 +150,19 @@ def summarize(
     results: dict, benchmarks: list[Path], strategies: tuple[str, ...]
 ) -> dict[str, float]:
     """The headline numbers (all floats): accuracy with its 95 % interval on the main
-    benchmark per policy, each strategy's training facts from metrics/train.json, and
-    knapsack's effective-gradient ratio over uniform's."""
+    benchmark per policy (start and each strategy), each strategy's training facts from
+    metrics/train.json, and knapsack's effective-gradient ratio over uniform's."""
     main = main_benchmark(benchmarks)
-    summary = {"start_accuracy": results["start"][main]["accuracy"]}
+    summary = {
+        f"{policy}_{key}": results[policy][main][key]
+        for policy in ("start", *strategies)
+        for key in HEADLINE_KEYS
+    }
     train_summary_path = Path("metrics/train.json")
     train_summary = (
         json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
     )
     for strategy in strategies:
-        for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high"):
-            summary[f"{strategy}_{key}"] = results[strategy][main][key]
         trained = train_summary.get(strategy, {})
         for name, legacy in TRAIN_KEYS.items():
             value = trained.get(name, trained.get(legacy))

@@ -14,24 +14,25 @@ COLUMNS = ("policy", "held-out accuracy (95 % CI)", "effective-gradient ratio", 
 
 def headline_rows(summary: Mapping[str, float], strategies: Sequence[str]) -> list[list[str]]:
     """One row per policy (start, then each strategy); blanks where a number is missing."""
-    rows = [["start", _number(summary.get("start_accuracy")), "", ""]]
-    for strategy in strategies:
-        accuracy = _number(summary.get(f"{strategy}_accuracy"))
-        low, high = (
-            summary.get(f"{strategy}_accuracy_ci_low"),
-            summary.get(f"{strategy}_accuracy_ci_high"),
-        )
-        if accuracy and low is not None and high is not None:
-            accuracy += f" ({low:.3f}-{high:.3f})"
-        rows.append(
-            [
-                strategy,
-                accuracy,
-                _number(summary.get(f"{strategy}_effective_gradient_ratio")),
-                _number(summary.get(f"{strategy}_step_seconds"), "{:.2f}"),
-            ]
-        )
-    return rows
+    return [
+        [
+            policy,
+            _accuracy(summary, policy),
+            _number(summary.get(f"{policy}_effective_gradient_ratio")),
+            _number(summary.get(f"{policy}_step_seconds"), "{:.2f}"),
+        ]
+        for policy in ("start", *strategies)
+    ]
+
+
+def _accuracy(summary: Mapping[str, float], policy: str) -> str:
+    """`0.669 (0.623-0.715)`: the accuracy with its 95 % interval where the summary has one."""
+    accuracy = _number(summary.get(f"{policy}_accuracy"))
+    low = summary.get(f"{policy}_accuracy_ci_low")
+    high = summary.get(f"{policy}_accuracy_ci_high")
+    if accuracy and low is not None and high is not None:
+        accuracy += f" ({low:.3f}-{high:.3f})"
+    return accuracy
 
 
 def markdown_table(summary: Mapping[str, float], strategies: Sequence[str]) -> str:

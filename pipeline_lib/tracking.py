@@ -44,6 +44,8 @@ MAX_METRICS_PER_BATCH = 1000
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RETRY_AFTER_S = 10.0  # while the server is unreachable, try again at most this often
 FINAL_FLUSH_TIMEOUT_S = 120.0  # at the end of a run, wait this long for the server
+# What a logged policy needs to load back, pinned when logged (MLflow adds itself).
+MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors")
 
 # What MLflow's REST client says when the server is down, restarting or overloaded.
 UNREACHABLE_MARKERS = (
@@ -90,6 +92,10 @@ class Tracker(Protocol):
         """Save a JSON/YAML-serialisable object as an artifact (format from the suffix)."""
         ...
 
+    def log_model(self, model_dir: str | Path, name: str) -> None:
+        """Log a Hugging Face checkpoint directory as the run's MLflow model `name`."""
+        ...
+
     def child(
         self, run_name: str, tags: Mapping[str, Any] | None = None
     ) -> AbstractContextManager[Tracker]:
@@ -118,6 +124,9 @@ class NullTracker:
         pass
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
+        pass
+
+    def log_model(self, model_dir: str | Path, name: str) -> None:
         pass
 
     def child(
@@ -263,6 +272,8 @@ class MlflowTracker:
             try:
                 if kind == "batch":
                     self._client.log_batch(self._run_id, **payload)
+                elif kind == "model":
+                    self._log_model(*payload)
                 else:
                     local_path, artifact_path = payload
                     self._upload(local_path, artifact_path)
@@ -334,14 +345,43 @@ class MlflowTracker:
         self._send("artifact", (str(local), _artifact_dir(artifact_file)))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        if self._backlog:  # the server is away: keep a copy as the file is now
-            local = self._stage(Path(local_path).name)
-            if Path(local_path).is_dir():
-                shutil.copytree(local_path, local)
-            else:
-                shutil.copy2(local_path, local)
-            local_path = local
-        self._send("artifact", (str(local_path), artifact_path))
+        self._send("artifact", (self._as_now(local_path), artifact_path))
+
+    def log_model(self, model_dir: str | Path, name: str) -> None:
+        """`mlflow.transformers.log_model` of the checkpoint directory, as a text-generation
+        model: it shows under the run's and the experiment's logged models and loads back
+        with `mlflow.transformers.load_model` / `mlflow.pyfunc.load_model`."""
+        self._send("model", (self._as_now(model_dir), name))
+
+    def _as_now(self, local_path: str | Path) -> str:
+        """The path to send; while the server is away, a copy of the file as it is now."""
+        if not self._backlog:
+            return str(local_path)
+        local = self._stage(Path(local_path).name)
+        if Path(local_path).is_dir():
+            shutil.copytree(local_path, local)
+        else:
+            shutil.copy2(local_path, local)
+        return str(local)
+
+    def _log_model(self, model_dir: str, name: str) -> None:
+        import mlflow.transformers
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        # Created here, in the run's experiment: left to itself, log_model would put the
+        # model in the fluent API's active experiment (the default one). Requirements are
+        # given, not inferred: inference loads the model in a subprocess (slow for a real one).
+        experiment_id = self._client.get_run(self._run_id).info.experiment_id
+        model = self._client.create_logged_model(experiment_id, name, self._run_id)
+        with _use_tracking_uri(self._client.tracking_uri):  # log_model has no client argument
+            mlflow.transformers.log_model(
+                model_dir,  # a path: copied as it is, not loaded into memory
+                name=name,
+                task="text-generation",
+                run_id=self._run_id,
+                model_id=model.model_id,
+                pip_requirements=[f"{p}=={_release(p)}" for p in MODEL_REQUIREMENTS],
+            )
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         local = self._stage(Path(artifact_file).name)
@@ -502,6 +542,13 @@ def _is_unreachable(error: Exception) -> bool:
             return False
         return any(marker in text for marker in UNREACHABLE_MARKERS)
     return False
+
+
+def _release(package: str) -> str:
+    """The installed version without a local part (`2.6.0+cpu` -> `2.6.0`)."""
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

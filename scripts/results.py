@@ -8,8 +8,9 @@ Prints three things:
    effective-gradient ratio, seconds per step;
 2. `dvc exp show` cut to the columns that matter (the settings that change the answer
    and the headline metrics), one column per experiment, transposed to stay narrow;
-3. `dvc metrics diff` of summary.json against the reference revision (train.json's numbers
-   are in summary.json too; `dvc metrics diff` alone also lists train.json and eval.json).
+3. `dvc metrics diff` of summary.json against the reference revision (DVC's other metrics
+   file, eval.json, holds the details: per-level accuracy, pass@k; each number has one
+   name, and train.json is a plain output whose numbers are in summary.json).
 """
 
 from __future__ import annotations

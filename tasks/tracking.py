@@ -210,6 +210,9 @@ class ProgressTracker:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self._inner.log_dict(obj, artifact_file)
 
+    def log_model(self, model_dir: str | Path, name: str) -> None:
+        self._inner.log_model(model_dir, name)
+
     @contextmanager
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
         """A nested run; a strategy's run (tag `strategy`) also gets its colour."""

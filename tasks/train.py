@@ -199,7 +199,7 @@ def run_training(
             scores = evaluate.last_scores
         if save_policy_dir:
             save_policy(model, tokenizer, output_dir)
-            tracker.log_artifact(str(output_dir), "policy")
+            tracker.log_model(output_dir, "policy")
         summary = _write_outputs(result, output_dir, tracker)
     return TrainingOutcome(result, summary, np.asarray(scores), tracker.run_id)
 

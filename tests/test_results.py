@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.evaluate import eval_metrics, log_pipeline_result, summarize
+from flows.evaluate import HEADLINE_KEYS, eval_metrics, log_pipeline_result, summarize
 from flows.train import train_metrics
 from pipeline_lib.config import load_config
 from pipeline_lib.results import headline_rows, markdown_table, text_table
@@ -95,13 +95,71 @@ def test_summary_is_flat_numbers_with_the_effective_gradient_gain(tmp_path, monk
     summary = summarize(results, [Path("arithmetic.parquet")], ("knapsack", "uniform"))
     assert all(isinstance(v, float) for v in summary.values())
     assert summary["effective_gradient_ratio_gain"] == pytest.approx(2.0)
-    assert "pass@1" not in eval_metrics(results)["knapsack"]["arithmetic"]
+    assert "pass@1" not in eval_metrics(results, "arithmetic")["knapsack"]["arithmetic"]
+
+
+def dvc_metrics_files() -> list[str]:
+    dvc = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    return [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for stage in dvc["stages"].values()
+        for entry in stage.get("metrics", [])
+    ]
+
+
+def test_each_number_has_one_name_in_dvc_metrics(tmp_path, monkeypatch):
+    """summary.json and eval.json (DVC's metrics) share no number and together hold every
+    result but pass@1; train.json, whose numbers summary.json repeats, is a plain output."""
+    monkeypatch.chdir(tmp_path)
+    Path("metrics").mkdir()
+    train = {
+        s: {"effective_gradient_ratio": r, "rollout_tokens_per_second": t, "step_seconds": t / 9}
+        for s, r, t in (("knapsack", 0.71, 4788.0), ("uniform", 0.41, 4405.0))
+    }
+    Path("metrics/train.json").write_text(json.dumps(train))
+    keys = (*HEADLINE_KEYS, "accuracy_level_1", "num_prompts", "pass@1", "pass@4")
+    results = {
+        policy: {
+            bench: {key: 1000 * i + 100 * j + k for k, key in enumerate(keys)}
+            for j, bench in enumerate(("arithmetic", "gsm8k"))
+        }
+        for i, policy in enumerate(("start", "knapsack", "uniform"))
+    }
+    benchmarks = [Path("arithmetic.parquet"), Path("gsm8k.parquet")]
+    summary = summarize(results, benchmarks, ("knapsack", "uniform"))
+    summary.pop("effective_gradient_ratio_gain")  # derived, not a result
+    details = eval_metrics(results, "arithmetic")
+    named = leaves(summary) + leaves(details)
+    assert len(named) == len(set(named)), "a number under two names"
+    results_less_pass1 = [
+        v for per in results.values() for m in per.values() for k, v in m.items() if k != "pass@1"
+    ]
+    assert set(named) == set(results_less_pass1) | set(leaves(train))
+    assert "accuracy" in details["knapsack"]["gsm8k"], "other benchmarks keep their accuracy"
+    assert dvc_metrics_files() == ["metrics/summary.json", "metrics/eval.json"]
+
+
+def test_committed_metrics_hold_each_number_once():
+    """The committed reference run in the same shape: eval.json leaves the main benchmark's
+    accuracy and interval to summary.json, which repeats every number of train.json."""
+    summary = json.loads((REPO_ROOT / "metrics" / "summary.json").read_text())
+    details = json.loads((REPO_ROOT / "metrics" / "eval.json").read_text())
+    train = json.loads((REPO_ROOT / "metrics" / "train.json").read_text())
+    for policy in ("start", "knapsack", "uniform"):
+        assert not set(HEADLINE_KEYS) & set(details[policy]["arithmetic"]), policy
+        assert {f"{policy}_{key}" for key in HEADLINE_KEYS} <= set(summary), policy
+    for strategy, facts in train.items():
+        for name, value in facts.items():
+            assert summary[f"{strategy}_{name}"] == value, (strategy, name)
 
 
 def test_headline_table_has_one_row_per_policy_with_intervals():
     rows = headline_rows(SUMMARY, ["knapsack", "uniform"])
     assert [r[0] for r in rows] == ["start", "knapsack", "uniform"]
     assert rows[1][1] == "0.669 (0.623-0.715)" and rows[2][2] == "0.414"
+    assert rows[0][1:] == ["0.390", "", ""]
+    start_interval = SUMMARY | {"start_accuracy_ci_low": 0.345, "start_accuracy_ci_high": 0.433}
+    assert headline_rows(start_interval, [])[0][1] == "0.390 (0.345-0.433)"
     assert "1.71x" in markdown_table(SUMMARY, ["knapsack", "uniform"])
     lines = text_table(rows).splitlines()
     assert len(lines) == 5 and lines[1].startswith("------")

@@ -256,7 +256,46 @@ def test_non_finite_metrics_are_logged_not_dropped(store: Store) -> None:
 def test_null_tracker_takes_the_same_calls_and_records_nothing(tmp_path: Path) -> None:
     with start_run(None, EXPERIMENT, "train") as tracker:
         _log_one_of_everything(tracker, tmp_path)
+        tracker.log_model(tmp_path / "checkpoint", "policy")
 
     assert isinstance(tracker, NullTracker)
     assert isinstance(tracker, Tracker)
     assert tracker.run_id is None
+
+
+def test_a_policy_is_logged_as_a_transformers_model_that_loads_back(
+    store: Store, tmp_path: Path
+) -> None:
+    """The tiny Qwen2 policy with its character tokenizer, logged from its checkpoint folder:
+    a text-generation model in the run's experiment, linked to the run, that loads back as
+    a pipeline generating what the model generates, and as a pyfunc model."""
+    import mlflow.pyfunc
+    import mlflow.transformers
+
+    from pipeline_lib.policy.checkpoint import save_policy
+    from pipeline_lib.policy.tiny import build_tiny_qwen2
+    from pipeline_lib.policy.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer)
+    policy_dir = save_policy(model, tokenizer, tmp_path / "policy")
+    with store.start("train/knapsack") as tracker:
+        tracker.log_model(policy_dir, "policy")
+
+    client = store.client()
+    run = client.get_run(tracker.run_id)
+    (output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == "policy" and logged.source_run_id == tracker.run_id
+    assert logged.experiment_id == run.info.experiment_id
+    assert logged.artifact_location.startswith(store.artifact_location)
+
+    prompt = "12+7="
+    ids = tokenizer(prompt, return_tensors="pt")
+    greedy = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    expected = tokenizer.decode(greedy[0], skip_special_tokens=True)
+    pipeline = mlflow.transformers.load_model(logged.artifact_location)
+    generated = pipeline(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert generated == expected
+    predictions = mlflow.pyfunc.load_model(logged.artifact_location).predict([prompt])
+    assert len(predictions) == 1 and isinstance(predictions[0], str)

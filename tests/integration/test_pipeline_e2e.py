@@ -114,7 +114,9 @@ def test_mlflow_holds_parent_stage_and_strategy_runs(project, first_repro):
     history = client.get_metric_history(knapsack.info.run_id, "rollout/effective_gradient_ratio")
     assert [m.step for m in history] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(knapsack.info.run_id)}
-    assert {"plots", "policy", "metrics"} <= artifacts
+    assert {"plots", "metrics"} <= artifacts
+    (policy,) = knapsack.outputs.model_outputs  # the policy, an MLflow transformers model
+    assert client.get_logged_model(policy.model_id).name == "policy"
 
 
 def test_bad_param_fails_before_any_compute(project):

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -287,7 +286,7 @@ def test_grpo_steps_ran_and_changed_the_weights(run: Run):
 
     summary = json.loads((run.root / "metrics/train.json").read_text())["knapsack"]
     assert summary["rollout_tokens_per_second"] > 0
-    assert 0 <= summary["mean_effective_gradient_ratio"] <= 1
+    assert 0 <= summary["effective_gradient_ratio"] <= 1
     steps = pd.read_csv(run.root / "models/trained/knapsack/steps.csv")
     trained = steps[steps["step"] > 0]
     assert trained["step"].tolist() == [1, 2]
@@ -310,18 +309,19 @@ def test_grpo_steps_ran_and_changed_the_weights(run: Run):
 
 def test_evaluate_scores_start_and_trained_policy_on_gsm8k(run: Run):
     summary = json.loads((run.root / "metrics/summary.json").read_text())
-    assert summary["benchmark"] == "gsm8k"
     for key in (
         "start_accuracy",
+        "start_accuracy_ci_low",
+        "start_accuracy_ci_high",
         "knapsack_accuracy",
         "knapsack_accuracy_ci_low",
         "knapsack_accuracy_ci_high",
         "knapsack_effective_gradient_ratio",
     ):
         assert 0 <= summary[key] <= 1, key
+    # eval.json leaves the main benchmark's accuracy (= pass@1) to summary.json.
     results = json.loads((run.root / "metrics/eval.json").read_text())
     for policy in ("start", "knapsack"):
         metrics = results[policy]["gsm8k"]
-        for key in ("accuracy", "pass@1", "pass@2"):
-            assert 0 <= metrics[key] <= 1, (policy, key)
-        assert np.isclose(metrics["pass@1"], metrics["accuracy"])
+        assert "accuracy" not in metrics and "pass@1" not in metrics, policy
+        assert summary[f"{policy}_accuracy"] - 1e-9 <= metrics["pass@2"] <= 1, policy
