@@ -99,9 +99,8 @@ class SFTParams(Section):
         description="Stop at the first check whose sampled accuracy on the train-side "
         "validation split reaches this (null: run all `steps`). Accuracy rises steeply "
         "when the model learns carrying, so a step count lands anywhere on that rise "
-        "depending on the CPU's float rounding; a target lands at the same operating point. "
-        "The train side holds the level 1-2 problems SFT memorises, so held-out accuracy "
-        "at the stop is lower (README: 'A robust start').",
+        "depending on the CPU's float rounding; a target lands at the same operating point "
+        "(README: 'A robust start').",
     )
     check_every: int = Field(
         10, gt=0, description="Steps between validation checks (when target_accuracy is set)."
