@@ -648,29 +648,27 @@ PARAM_CASES: list[tuple[str, str, str]] = [
     ("invalid YAML", "REPLACE:train: {steps: [1, 2\n", "line"),
 ]
 
+ROW = b'{"id": "a", "problem": "1+1", "answer": "2", "source": "t"'  # a good row, unclosed
+
 DATA_CASES: list[tuple[str, str, bytes, str]] = [
     # (name, file suffix, file content, text the error must name)
-    ("empty problem", ".jsonl", b'{"id": "a", "problem": " ", "answer": "1", "source": "t"}\n', "problem"),
-    ("missing answer column", ".jsonl", b'{"id": "a", "problem": "1+1", "source": "t"}\n', "answer"),
-    ("null answer", ".jsonl", b'{"id": "a", "problem": "1+1", "answer": null, "source": "t"}\n', "answer"),
-    (
-        "duplicate ids", ".jsonl",
-        b'{"id": "a", "problem": "1+1", "answer": "2", "source": "t"}\n'
-        b'{"id": "a", "problem": "2+2", "answer": "4", "source": "t"}\n',
-        "id",
-    ),
-    ("wrong type: numeric answer", ".jsonl", b'{"id": "a", "problem": "1+1", "answer": 2, "source": "t"}\n', "answer"),
-    ("wrong type: level", ".jsonl", b'{"id": "a", "problem": "1+1", "answer": "2", "source": "t", "level": "hard"}\n', "level"),
+    ("empty problem", ".jsonl", ROW.replace(b'"1+1"', b'" "') + b"}\n", "problem"),
+    ("missing answer column", ".jsonl", ROW.replace(b'"answer": "2", ', b"") + b"}\n", "answer"),
+    ("null answer", ".jsonl", ROW.replace(b'"2"', b"null") + b"}\n", "answer"),
+    ("duplicate ids", ".jsonl", ROW + b"}\n" + ROW.replace(b"1+1", b"2+2") + b"}\n", "id"),
+    ("wrong type: numeric answer", ".jsonl", ROW.replace(b'"2"', b"2") + b"}\n", "answer"),
+    ("wrong type: level", ".jsonl", ROW + b', "level": "hard"}\n', "level"),
     ("undecodable file", ".jsonl", b"\xff\xfe\x00garbage\x80\x81\n", "could not read"),
     ("empty file", ".jsonl", b"", "id"),
     ("unsupported file type", ".csv", b"id,problem,answer\na,1+1,2\n", "unsupported file type"),
     ("missing file", "MISSING", b"", "not found"),
-]  # fmt: skip
+]
 
 
 def trial_malformed(root: Path):
     """Each bad input runs the prepare stage's code path against a good previous output."""
     from pipeline_lib.config import load_config
+    from pipeline_lib.data.overlap import remove_benchmark_overlap
     from tasks.prepare import load_tables, write_tables
 
     workdir = root / "malformed"
@@ -682,6 +680,7 @@ def trial_malformed(root: Path):
     def prepare(params: Path) -> None:
         config = load_config(params)  # params errors: before any data is read
         tables = load_tables.fn(config.prepare, config.seed)
+        tables, _ = remove_benchmark_overlap(tables, config.prepare.on_overlap)
         write_tables.fn(tables, config.prepare.output_dir)
 
     prepare(good)
@@ -729,6 +728,19 @@ def trial_malformed(root: Path):
     yield (
         "malformed data: bad benchmark beside good train",
         lambda: expect_failure(params, "broken_bench"),
+    )
+    # A benchmark sharing a problem with train (spacing differs), on_overlap: error.
+    overlap_bench = workdir / "overlap-bench.jsonl"
+    overlap_bench.write_bytes(b'{"id": "z", "problem": " 1+1\\t", "answer": "2", "source": "t"}\n')
+    overlap_params = workdir / "overlap-params.yaml"
+    overlap_params.write_text(
+        GOOD_PARAMS.format(source=good_source, output=output)
+        + f"  benchmarks: [{{name: leaky_bench, source: {overlap_bench}}}]\n"
+        + "  on_overlap: error\n"
+    )
+    yield (
+        "malformed data: benchmark overlaps train",
+        lambda: expect_failure(overlap_params, "leaky_bench"),
     )
 
 
