@@ -58,7 +58,7 @@ SEED = 1  # training seed: rollout calls use seed 100003 + step, evaluations see
 ROLLOUT_SEED_BASE = SEED * 100_003
 TRAIN_STEPS = 6
 FINGERPRINT = "fault-trials"
-TIME_COLUMNS = ("seconds", "per_second", "time/")  # wall-clock metrics differ run to run
+TIME_COLUMNS = ("seconds", "per_s", "time/")  # wall-clock metrics differ run to run
 
 
 @dataclass
@@ -172,9 +172,9 @@ def train_worker(workdir: Path, steps: int, tracking_uri: str | None, step_sleep
         result = train_policy(run, state, engine, updater, tracker, checkpointer, progress=False)
     final = workdir / "final"
     final.mkdir(exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, final / "model.safetensors"
-    )
+    # clone: the tied embedding and lm_head share storage, which save_file refuses
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    save_file(weights, final / "model.safetensors")
     state.status.to_parquet(final / "status.parquet")
     result.steps.to_csv(final / "steps.csv", index=False)
     event("done")
