@@ -57,6 +57,7 @@ from pipeline_lib.processes import Supervisor  # noqa: E402
 SEED = 1  # training seed: rollout calls use seed 100003 + step, evaluations seed 1
 ROLLOUT_SEED_BASE = SEED * 100_003
 TRAIN_STEPS = 6
+KILL_STEP_SLEEP_S = 1.0  # extra seconds per rollout call in the kill trials
 FINGERPRINT = "fault-trials"
 TIME_COLUMNS = ("seconds", "per_s", "time/")  # wall-clock metrics differ run to run
 
@@ -303,18 +304,21 @@ def kill_and_resume(
     supervisor: Supervisor, workdir: Path, reference: Path, target: str, delay_s: float
 ) -> tuple[bool, str]:
     """Start a run, SIGKILL it `delay_s` after event `target`, resume it, compare it."""
-    worker = start_worker(supervisor, workdir)
+    # Each rollout call sleeps KILL_STEP_SLEEP_S (results are unchanged), so that on a busy
+    # machine the kill still lands near `target` and not after the run's last step.
+    worker = start_worker(supervisor, workdir, step_sleep_s=KILL_STEP_SLEEP_S)
     reached = wait_for_event(worker, workdir, target)
     time.sleep(delay_s)
     killed = worker.poll() is None
     if killed:
         os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
+    before_kill = events(workdir)[-1]  # where the kill really landed
     staging = [p.name for p in (workdir / "state").glob(".checkpoint.*")]
     from pipeline_lib.training import DirectoryCheckpointer
 
     saved = DirectoryCheckpointer(workdir / "state", FINGERPRINT).saved_step()
-    resumed = start_worker(supervisor, workdir)
+    resumed = start_worker(supervisor, workdir, step_sleep_s=KILL_STEP_SLEEP_S)
     finish(resumed, workdir)
     lines = events(workdir)
     problems = compare_runs(workdir, reference) + repeated_completed_rollouts(lines)
@@ -322,7 +326,8 @@ def kill_and_resume(
         problems.append(f"the run ended before the kill ({target} + {delay_s:.2f} s)")
     redone = sum(1 for line in lines if line.startswith("gen")) - TRAIN_STEPS
     detail = (
-        f"killed {delay_s:.2f} s after '{target}', checkpoint at step {saved}"
+        f"killed {delay_s:.2f} s after '{target}' (last event '{before_kill}'), "
+        f"checkpoint at step {saved}"
         f"{', mid-write ' + str(staging) if staging else ''}; resumed run equals the "
         f"uninterrupted one; {redone} uncompleted step(s) rolled out again, 0 completed"
     )
