@@ -213,9 +213,12 @@ def events(workdir: Path) -> list[str]:
 
 
 def wait_for_event(
-    process: subprocess.Popen, workdir: Path, wanted: str, timeout_s: float = 300
+    process: subprocess.Popen, workdir: Path, wanted: str, timeout_s: float = 900
 ) -> bool:
-    """Poll the event log until `wanted` appears; False if the worker ended first."""
+    """Poll the event log until `wanted` appears; False if the worker ended first.
+
+    On timeout the worker is killed (a failed trial must not load the next ones).
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if wanted in events(workdir):
@@ -223,6 +226,8 @@ def wait_for_event(
         if process.poll() is not None:
             return wanted in events(workdir)
         time.sleep(0.01)
+    process.kill()
+    process.wait()
     raise TimeoutError(f"no {wanted!r} event within {timeout_s:.0f} s ({workdir})")
 
 
@@ -472,7 +477,7 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
                 server_args, env=server_env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
                     import urllib.request
