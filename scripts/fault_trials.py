@@ -289,6 +289,16 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def stop_server(server: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it is still there after `grace_s`."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -497,8 +507,7 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
             supervisor, workdir, steps=steps, tracking_uri=uri, step_sleep_s=2.0, env=worker_env
         )
         wait_for_event(worker, workdir, "saved 2")
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
         down_at, done_before = time.monotonic(), len(events(workdir))
         time.sleep(outage_s)
         progressed = sum(1 for line in events(workdir)[done_before:] if line.startswith("saved"))
@@ -524,8 +533,7 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
             problems.append(f"metrics missing or different in MLflow: {missing[:5]}")
         if run.info.status != "FINISHED":
             problems.append(f"run status {run.info.status}")
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
         detail = (
             f"server down {outage_s:.0f} s (worker {down_s:.0f} s without it); {progressed} steps "
             f"trained meanwhile; all {steps} steps x 3 checked metrics in MLflow, run FINISHED"
@@ -545,7 +553,7 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
     repo = workdir / "repo"
     data = repo / "data"
     data.mkdir(parents=True)
-    env = dict(os.environ) | {
+    identity = {
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost",
     }  # fmt: skip
@@ -554,7 +562,11 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
         (data / f"f{i:03d}.bin").write_bytes(rng.randbytes(16384))
 
     def git(*args: str, cwd: Path = repo) -> None:
-        subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, timeout=300)
+        # The environment at call time: the S3 server's endpoint and keys are set below.
+        env = dict(os.environ) | identity
+        done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[-3:])} failed: {done.stderr.strip()[-500:]}")
 
     git("git", "init", "-q")
     git(sys.executable, "-m", "dvc", "init", "-q")
