@@ -76,6 +76,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_allocation.py
 
+# Kill, starve and cut off the pipeline on loopback (issue 11.4): bounded counts, every
+# process stopped by PID; the last line is `fault trials: N passed, M failed`. Root is
+# needed for the disk-full trial's tmpfs mount. FAULT_ARGS="--only malformed" for a subset.
+.PHONY: fault-trials
+fault-trials: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/fault_trials.py $(FAULT_ARGS)
+
 # The headline table, `dvc exp show` cut to the columns that matter, `dvc metrics diff`
 # against the committed reference (RESULTS_REV, default HEAD).
 RESULTS_REV ?= HEAD

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline_lib.config import ConfigError, PipelineConfig, describe_section, load_config
+from pipeline_lib.redaction import install_log_redaction
 
 
 def load_stage_config(params_path: str, overrides: dict[str, Any] | None) -> PipelineConfig:
@@ -56,6 +57,7 @@ def run_flow_cli(flow_fn: Callable[..., Any], section: str | None = None) -> Non
         help="override a param, e.g. -S train.steps=10 (repeatable)",
     )
     args = parser.parse_args()
+    install_log_redaction()  # no S3 key or token in the stage's log, Prefect's included
     try:
         overrides = parse_overrides(args.set)
         # Validate before Prefect starts its server: a typo costs no start-up time.

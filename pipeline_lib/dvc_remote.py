@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pipeline_lib.redaction import redact, secret_values
+
 DEFAULT_REMOTE = "storage"
 PROBE_EVERY_S = 2.0  # how often a running transfer checks that the store still answers
 UNREACHABLE_AFTER_S = 15.0  # silence that ends a transfer (DVC alone retries each file)
@@ -61,7 +63,8 @@ class StorageError(RuntimeError):
     """
 
     def __init__(self, message: str, *, transient: bool = True) -> None:
-        super().__init__(message)
+        # DVC's and boto3's stderr, quoted in the message, can name a key.
+        super().__init__(redact(message, secret_values(os.environ)))
         self.transient = transient
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from pipeline_lib.redaction import redact_mapping, secret_values
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -220,7 +223,8 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        entries = [Param(k, v) for k, v in flatten_params(params).items()]
+        flat = redact_mapping(flatten_params(params), secret_values(os.environ))
+        entries = [Param(k, v) for k, v in flat.items()]
         for chunk in _chunks(entries, MAX_PARAMS_OR_TAGS_PER_BATCH):
             self._send("batch", {"params": chunk})
 
@@ -334,7 +338,8 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        entries = [RunTag(k, str(v)) for k, v in tags.items()]
+        text = redact_mapping({k: str(v) for k, v in tags.items()}, secret_values(os.environ))
+        entries = [RunTag(k, v) for k, v in text.items()]
         for chunk in _chunks(entries, MAX_PARAMS_OR_TAGS_PER_BATCH):
             self._send("batch", {"tags": chunk})
 

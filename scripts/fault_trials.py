@@ -57,8 +57,9 @@ from pipeline_lib.processes import Supervisor  # noqa: E402
 SEED = 1  # training seed: rollout calls use seed 100003 + step, evaluations seed 1
 ROLLOUT_SEED_BASE = SEED * 100_003
 TRAIN_STEPS = 6
+KILL_STEP_SLEEP_S = 1.0  # extra seconds per rollout call in the kill trials
 FINGERPRINT = "fault-trials"
-TIME_COLUMNS = ("seconds", "per_second", "time/")  # wall-clock metrics differ run to run
+TIME_COLUMNS = ("seconds", "per_s", "time/")  # wall-clock metrics differ run to run
 
 
 @dataclass
@@ -172,9 +173,9 @@ def train_worker(workdir: Path, steps: int, tracking_uri: str | None, step_sleep
         result = train_policy(run, state, engine, updater, tracker, checkpointer, progress=False)
     final = workdir / "final"
     final.mkdir(exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, final / "model.safetensors"
-    )
+    # clone: the tied embedding and lm_head share storage, which save_file refuses
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    save_file(weights, final / "model.safetensors")
     state.status.to_parquet(final / "status.parquet")
     result.steps.to_csv(final / "steps.csv", index=False)
     event("done")
@@ -212,9 +213,12 @@ def events(workdir: Path) -> list[str]:
 
 
 def wait_for_event(
-    process: subprocess.Popen, workdir: Path, wanted: str, timeout_s: float = 300
+    process: subprocess.Popen, workdir: Path, wanted: str, timeout_s: float = 900
 ) -> bool:
-    """Poll the event log until `wanted` appears; False if the worker ended first."""
+    """Poll the event log until `wanted` appears; False if the worker ended first.
+
+    On timeout the worker is killed (a failed trial must not load the next ones).
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if wanted in events(workdir):
@@ -222,6 +226,8 @@ def wait_for_event(
         if process.poll() is not None:
             return wanted in events(workdir)
         time.sleep(0.01)
+    process.kill()
+    process.wait()
     raise TimeoutError(f"no {wanted!r} event within {timeout_s:.0f} s ({workdir})")
 
 
@@ -283,6 +289,16 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def stop_server(server: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it is still there after `grace_s`."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -303,18 +319,21 @@ def kill_and_resume(
     supervisor: Supervisor, workdir: Path, reference: Path, target: str, delay_s: float
 ) -> tuple[bool, str]:
     """Start a run, SIGKILL it `delay_s` after event `target`, resume it, compare it."""
-    worker = start_worker(supervisor, workdir)
+    # Each rollout call sleeps KILL_STEP_SLEEP_S (results are unchanged), so that on a busy
+    # machine the kill still lands near `target` and not after the run's last step.
+    worker = start_worker(supervisor, workdir, step_sleep_s=KILL_STEP_SLEEP_S)
     reached = wait_for_event(worker, workdir, target)
     time.sleep(delay_s)
     killed = worker.poll() is None
     if killed:
         os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
+    before_kill = events(workdir)[-1]  # where the kill really landed
     staging = [p.name for p in (workdir / "state").glob(".checkpoint.*")]
     from pipeline_lib.training import DirectoryCheckpointer
 
     saved = DirectoryCheckpointer(workdir / "state", FINGERPRINT).saved_step()
-    resumed = start_worker(supervisor, workdir)
+    resumed = start_worker(supervisor, workdir, step_sleep_s=KILL_STEP_SLEEP_S)
     finish(resumed, workdir)
     lines = events(workdir)
     problems = compare_runs(workdir, reference) + repeated_completed_rollouts(lines)
@@ -322,7 +341,8 @@ def kill_and_resume(
         problems.append(f"the run ended before the kill ({target} + {delay_s:.2f} s)")
     redone = sum(1 for line in lines if line.startswith("gen")) - TRAIN_STEPS
     detail = (
-        f"killed {delay_s:.2f} s after '{target}', checkpoint at step {saved}"
+        f"killed {delay_s:.2f} s after '{target}' (last event '{before_kill}'), "
+        f"checkpoint at step {saved}"
         f"{', mid-write ' + str(staging) if staging else ''}; resumed run equals the "
         f"uninterrupted one; {redone} uncompleted step(s) rolled out again, 0 completed"
     )
@@ -467,7 +487,7 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
                 server_args, env=server_env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
                     import urllib.request
@@ -487,8 +507,7 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
             supervisor, workdir, steps=steps, tracking_uri=uri, step_sleep_s=2.0, env=worker_env
         )
         wait_for_event(worker, workdir, "saved 2")
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
         down_at, done_before = time.monotonic(), len(events(workdir))
         time.sleep(outage_s)
         progressed = sum(1 for line in events(workdir)[done_before:] if line.startswith("saved"))
@@ -514,8 +533,7 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
             problems.append(f"metrics missing or different in MLflow: {missing[:5]}")
         if run.info.status != "FINISHED":
             problems.append(f"run status {run.info.status}")
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
         detail = (
             f"server down {outage_s:.0f} s (worker {down_s:.0f} s without it); {progressed} steps "
             f"trained meanwhile; all {steps} steps x 3 checked metrics in MLflow, run FINISHED"
@@ -535,7 +553,7 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
     repo = workdir / "repo"
     data = repo / "data"
     data.mkdir(parents=True)
-    env = dict(os.environ) | {
+    identity = {
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost",
     }  # fmt: skip
@@ -544,7 +562,11 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
         (data / f"f{i:03d}.bin").write_bytes(rng.randbytes(16384))
 
     def git(*args: str, cwd: Path = repo) -> None:
-        subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, timeout=300)
+        # The environment at call time: the S3 server's endpoint and keys are set below.
+        env = dict(os.environ) | identity
+        done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[-3:])} failed: {done.stderr.strip()[-500:]}")
 
     git("git", "init", "-q")
     git(sys.executable, "-m", "dvc", "init", "-q")
@@ -648,29 +670,27 @@ PARAM_CASES: list[tuple[str, str, str]] = [
     ("invalid YAML", "REPLACE:train: {steps: [1, 2\n", "line"),
 ]
 
+ROW = b'{"id": "a", "problem": "1+1", "answer": "2", "source": "t"'  # a good row, unclosed
+
 DATA_CASES: list[tuple[str, str, bytes, str]] = [
     # (name, file suffix, file content, text the error must name)
-    ("empty problem", ".jsonl", b'{"id": "a", "problem": " ", "answer": "1", "source": "t"}\n', "problem"),
-    ("missing answer column", ".jsonl", b'{"id": "a", "problem": "1+1", "source": "t"}\n', "answer"),
-    ("null answer", ".jsonl", b'{"id": "a", "problem": "1+1", "answer": null, "source": "t"}\n', "answer"),
-    (
-        "duplicate ids", ".jsonl",
-        b'{"id": "a", "problem": "1+1", "answer": "2", "source": "t"}\n'
-        b'{"id": "a", "problem": "2+2", "answer": "4", "source": "t"}\n',
-        "id",
-    ),
-    ("wrong type: numeric answer", ".jsonl", b'{"id": "a", "problem": "1+1", "answer": 2, "source": "t"}\n', "answer"),
-    ("wrong type: level", ".jsonl", b'{"id": "a", "problem": "1+1", "answer": "2", "source": "t", "level": "hard"}\n', "level"),
+    ("empty problem", ".jsonl", ROW.replace(b'"1+1"', b'" "') + b"}\n", "problem"),
+    ("missing answer column", ".jsonl", ROW.replace(b'"answer": "2", ', b"") + b"}\n", "answer"),
+    ("null answer", ".jsonl", ROW.replace(b'"2"', b"null") + b"}\n", "answer"),
+    ("duplicate ids", ".jsonl", ROW + b"}\n" + ROW.replace(b"1+1", b"2+2") + b"}\n", "id"),
+    ("wrong type: numeric answer", ".jsonl", ROW.replace(b'"2"', b"2") + b"}\n", "answer"),
+    ("wrong type: level", ".jsonl", ROW + b', "level": "hard"}\n', "level"),
     ("undecodable file", ".jsonl", b"\xff\xfe\x00garbage\x80\x81\n", "could not read"),
     ("empty file", ".jsonl", b"", "id"),
     ("unsupported file type", ".csv", b"id,problem,answer\na,1+1,2\n", "unsupported file type"),
     ("missing file", "MISSING", b"", "not found"),
-]  # fmt: skip
+]
 
 
 def trial_malformed(root: Path):
     """Each bad input runs the prepare stage's code path against a good previous output."""
     from pipeline_lib.config import load_config
+    from pipeline_lib.data.overlap import remove_benchmark_overlap
     from tasks.prepare import load_tables, write_tables
 
     workdir = root / "malformed"
@@ -682,6 +702,7 @@ def trial_malformed(root: Path):
     def prepare(params: Path) -> None:
         config = load_config(params)  # params errors: before any data is read
         tables = load_tables.fn(config.prepare, config.seed)
+        tables, _ = remove_benchmark_overlap(tables, config.prepare.on_overlap)
         write_tables.fn(tables, config.prepare.output_dir)
 
     prepare(good)
@@ -729,6 +750,19 @@ def trial_malformed(root: Path):
     yield (
         "malformed data: bad benchmark beside good train",
         lambda: expect_failure(params, "broken_bench"),
+    )
+    # A benchmark sharing a problem with train (spacing differs), on_overlap: error.
+    overlap_bench = workdir / "overlap-bench.jsonl"
+    overlap_bench.write_bytes(b'{"id": "z", "problem": " 1+1\\t", "answer": "2", "source": "t"}\n')
+    overlap_params = workdir / "overlap-params.yaml"
+    overlap_params.write_text(
+        GOOD_PARAMS.format(source=good_source, output=output)
+        + f"  benchmarks: [{{name: leaky_bench, source: {overlap_bench}}}]\n"
+        + "  on_overlap: error\n"
+    )
+    yield (
+        "malformed data: benchmark overlaps train",
+        lambda: expect_failure(overlap_params, "leaky_bench"),
     )
 
 

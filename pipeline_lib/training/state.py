@@ -102,7 +102,9 @@ class DirectoryCheckpointer:
         step = self.saved_step()
         if step is None:
             return None
-        saved = type(model).from_pretrained(self.path / "policy", dtype=model.dtype)
+        saved = type(model).from_pretrained(
+            self.path / "policy", dtype=model.dtype, use_safetensors=True
+        )
         model.load_state_dict(saved.state_dict())
         rng_file = self.path / "rng.pt"
         return TrainState(
