@@ -100,7 +100,7 @@ def table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        how = {"E": "A's stop - 20", "F": "A's stop + 20"}.get(r["variant"], "target 0.4")
+        how = {"E": "A's stop - 20", "F": "A's stop + 20"}.get(r["variant"], "stop at target")
         lines.append(
             f"| {r['variant']} ({how}) | {r['seed']} | {r['threads']} | {r['sft_steps']} | "
             f"{r['start_accuracy']:.3f} | {r['knapsack_accuracy']:.3f} | {r['gain']:+.3f} |"
