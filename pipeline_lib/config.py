@@ -99,7 +99,7 @@ class SFTParams(Section):
         description="Stop at the first check whose sampled accuracy on the train-side "
         "validation split reaches this (null: run all `steps`). Accuracy rises steeply "
         "when the model learns carrying, so a step count lands anywhere on that rise "
-        "depending on the CPU's float rounding; a target lands at the same operating point "
+        "depending on the CPU's float rounding; a target pins the operating point instead "
         "(README: 'A robust start').",
     )
     check_every: int = Field(
