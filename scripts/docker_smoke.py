@@ -105,6 +105,14 @@ class SmokeResult:
         )
 
 
+def clone_steps(repository: str) -> list[dict[str, Any]]:
+    """A deployment's pull steps: clone `repository` per flow run and work in the clone."""
+    return [
+        {"prefect.deployments.steps.git_clone": {"id": "clone", "repository": repository}},
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ clone.directory }}"}},
+    ]
+
+
 def stage_local_inputs(target: Path = LOCAL_INPUTS) -> None:
     """Put torch's CPU wheel (hard link) and the host's CA bundle into docker/local/."""
     wheels = target / "wheels"
@@ -299,19 +307,7 @@ def deployment_file(path: Path, env: Mapping[str, str], repo: Path) -> Path:
                     },
                 },
                 # Like the gpu-docker deployment: a fresh clone per flow run.
-                "pull": [
-                    {
-                        "prefect.deployments.steps.git_clone": {
-                            "id": "clone",
-                            "repository": REPO_IN_CONTAINER,
-                        }
-                    },
-                    {
-                        "prefect.deployments.steps.set_working_directory": {
-                            "directory": "{{ clone.directory }}"
-                        }
-                    },
-                ],
+                "pull": clone_steps(REPO_IN_CONTAINER),
             }
         ],
     }

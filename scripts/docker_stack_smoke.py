@@ -178,19 +178,7 @@ def deployment_file(path: Path) -> Path:
                 "parameters": {"params_path": "params.yaml", "overrides": None, "push": True},
                 "work_pool": {"name": POOL, "job_variables": {}},
                 # As the `gpu` deployment: the worker's flow run clones the project per run.
-                "pull": [
-                    {
-                        "prefect.deployments.steps.git_clone": {
-                            "id": "clone",
-                            "repository": REPO_IN_CONTAINER,
-                        }
-                    },
-                    {
-                        "prefect.deployments.steps.set_working_directory": {
-                            "directory": "{{ clone.directory }}"
-                        }
-                    },
-                ],
+                "pull": docker_smoke.clone_steps(REPO_IN_CONTAINER),
             }
         ],
     }
