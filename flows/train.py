@@ -65,6 +65,7 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
         )
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/train.json").write_text(json.dumps(train_metrics(summaries), indent=2))
+    TIMING.write_text(json.dumps(timing_metrics(summaries), indent=2, sort_keys=True))
     write_curves(steps)
     return summaries
 
@@ -72,8 +73,11 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
 # train_strategy's summary key -> metrics/train.json name. Numbers only (no paths), and
 # not the in-training held-out accuracy: the evaluate stage's accuracy is the one result
 # (metrics/summary.json); the curve of the in-training one is metrics/curves/accuracy.csv.
-TRAIN_METRICS = {
-    "mean_effective_gradient_ratio": "effective_gradient_ratio",
+TRAIN_METRICS = {"mean_effective_gradient_ratio": "effective_gradient_ratio"}
+# Wall-clock numbers differ on every run, so they get a file of their own: every other
+# output of a run is bit-identical on the same machine (README, Reproducibility).
+TIMING = Path("metrics/timing.json")
+TIMING_METRICS = {
     "rollout_tokens_per_second": "rollout_tokens_per_second",
     "mean_step_seconds": "step_seconds",
 }
@@ -84,6 +88,15 @@ def train_metrics(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
     return {
         strategy: {name: float(summary[key]) for key, name in TRAIN_METRICS.items()}
         for strategy, summary in summaries.items()
+    }
+
+
+def timing_metrics(summaries: dict[str, dict]) -> dict[str, float]:
+    """metrics/timing.json: `<strategy>_step_seconds` and `_rollout_tokens_per_second`."""
+    return {
+        f"{strategy}_{name}": float(summary[key])
+        for strategy, summary in summaries.items()
+        for key, name in TIMING_METRICS.items()
     }
 
 

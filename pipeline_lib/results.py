@@ -1,5 +1,7 @@
 """The pipeline's answer as text: one table of held-out accuracy, effective-gradient
-ratio and step time per policy, read from `metrics/summary.json`'s flat keys.
+ratio and step time per policy, read from `metrics/summary.json`'s flat keys (and
+`metrics/timing.json`'s, where the caller merges them in: the step time column is shown
+only when some policy has one).
 
 Pure formatting (values in, text out): the MLflow parent run's description and
 `make results` print the same table.
@@ -12,14 +14,22 @@ from collections.abc import Mapping, Sequence
 COLUMNS = ("policy", "held-out accuracy (95 % CI)", "effective-gradient ratio", "s / step")
 
 
+def headline_columns(summary: Mapping[str, float]) -> tuple[str, ...]:
+    """The table's header: without `s / step` when no policy has a step time."""
+    if any(key.endswith("_step_seconds") for key in summary):
+        return COLUMNS
+    return COLUMNS[:-1]
+
+
 def headline_rows(summary: Mapping[str, float], strategies: Sequence[str]) -> list[list[str]]:
     """One row per policy (start, then each strategy); blanks where a number is missing."""
+    timed = len(headline_columns(summary)) == len(COLUMNS)
     return [
         [
             policy,
             _accuracy(summary, policy),
             _number(summary.get(f"{policy}_effective_gradient_ratio")),
-            _number(summary.get(f"{policy}_step_seconds"), "{:.2f}"),
+            *([_number(summary.get(f"{policy}_step_seconds"), "{:.2f}")] if timed else []),
         ]
         for policy in ("start", *strategies)
     ]
@@ -37,7 +47,8 @@ def _accuracy(summary: Mapping[str, float], policy: str) -> str:
 
 def markdown_table(summary: Mapping[str, float], strategies: Sequence[str]) -> str:
     """The headline table in Markdown, with the effective-gradient gain under it."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    columns = headline_columns(summary)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in headline_rows(summary, strategies)]
     gain = summary.get("effective_gradient_ratio_gain")
     if gain is not None:

@@ -5,7 +5,7 @@
 
 Prints three things:
 1. the headline table (metrics/summary.json): accuracy with 95 % interval per policy,
-   effective-gradient ratio, seconds per step;
+   effective-gradient ratio, and seconds per step (metrics/timing.json);
 2. `dvc exp show` cut to the columns that matter (the settings that change the answer
    and the headline metrics), one column per experiment, transposed to stay narrow;
 3. `dvc metrics diff` of summary.json against the reference revision (DVC's other metrics
@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_lib.results import headline_rows, text_table  # noqa: E402
+from pipeline_lib.results import headline_columns, headline_rows, text_table  # noqa: E402
 
 SUMMARY = Path("metrics/summary.json")
+TIMING = Path("metrics/timing.json")
 # `dvc exp show --keep` matches column names from their start (re.match).
 KEEP_COLUMNS = (
     r"Experiment$|rev$|Created$|seed$|train\.steps$|train\.strategies$|train\.prompts_per_step$"
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{SUMMARY} is missing: run the pipeline first (`make run`)")
     summary = json.loads(SUMMARY.read_text())
     strategies = strategies_of(summary)
-    print("Held-out results (metrics/summary.json)\n")
-    print(text_table(headline_rows(summary, strategies)))
+    timed = summary | (json.loads(TIMING.read_text()) if TIMING.exists() else {})
+    print("Held-out results (metrics/summary.json, step times from metrics/timing.json)\n")
+    print(text_table(headline_rows(timed, strategies), headline_columns(timed)))
     gain = summary.get("effective_gradient_ratio_gain")
     if gain is not None:
         print(f"\neffective-gradient ratio, knapsack / uniform: {gain:.2f}x")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.evaluate import HEADLINE_KEYS, eval_metrics, log_pipeline_result, summarize
-from flows.train import train_metrics
+from flows.train import timing_metrics, train_metrics
 from pipeline_lib.config import load_config
 from pipeline_lib.results import headline_rows, markdown_table, text_table
 from pipeline_lib.tracking import NullTracker
@@ -56,12 +56,12 @@ def leaves(tree) -> list:
 
 
 def test_committed_metrics_files_hold_numbers_only():
-    for name in ("train.json", "summary.json", "eval.json"):
+    for name in ("train.json", "timing.json", "summary.json", "eval.json"):
         values = leaves(json.loads((REPO_ROOT / "metrics" / name).read_text()))
         assert values and all(isinstance(v, int | float) for v in values), name
 
 
-def test_train_metrics_keep_numbers_and_drop_paths_and_the_in_training_accuracy():
+def test_train_metrics_keep_numbers_and_drop_paths_timings_and_the_in_training_accuracy():
     summary = {
         "final_accuracy": 0.6,
         "mean_effective_gradient_ratio": 0.7,
@@ -70,12 +70,11 @@ def test_train_metrics_keep_numbers_and_drop_paths_and_the_in_training_accuracy(
         "policy_dir": "models/trained/knapsack",
         "steps_csv": "models/trained/knapsack/steps.csv",
     }
-    assert train_metrics({"knapsack": summary}) == {
-        "knapsack": {
-            "effective_gradient_ratio": 0.7,
-            "rollout_tokens_per_second": 10.0,
-            "step_seconds": 1.0,
-        }
+    assert train_metrics({"knapsack": summary}) == {"knapsack": {"effective_gradient_ratio": 0.7}}
+    # Wall-clock numbers go to metrics/timing.json alone (they differ on every run).
+    assert timing_metrics({"knapsack": summary}) == {
+        "knapsack_rollout_tokens_per_second": 10.0,
+        "knapsack_step_seconds": 1.0,
     }
 
 
@@ -108,14 +107,12 @@ def dvc_metrics_files() -> list[str]:
 
 
 def test_each_number_has_one_name_in_dvc_metrics(tmp_path, monkeypatch):
-    """summary.json and eval.json (DVC's metrics) share no number and together hold every
-    result but pass@1; train.json, whose numbers summary.json repeats, is a plain output."""
+    """summary.json, eval.json and timing.json (DVC's metrics) share no number and together
+    hold every result but pass@1; train.json, whose numbers summary.json repeats, is a
+    plain output; the timings stay out of summary.json (they differ on every run)."""
     monkeypatch.chdir(tmp_path)
     Path("metrics").mkdir()
-    train = {
-        s: {"effective_gradient_ratio": r, "rollout_tokens_per_second": t, "step_seconds": t / 9}
-        for s, r, t in (("knapsack", 0.71, 4788.0), ("uniform", 0.41, 4405.0))
-    }
+    train = {s: {"effective_gradient_ratio": r} for s, r in (("knapsack", 0.71), ("uniform", 0.41))}
     Path("metrics/train.json").write_text(json.dumps(train))
     keys = (*HEADLINE_KEYS, "accuracy_level_1", "num_prompts", "pass@1", "pass@4")
     results = {
@@ -136,7 +133,12 @@ def test_each_number_has_one_name_in_dvc_metrics(tmp_path, monkeypatch):
     ]
     assert set(named) == set(results_less_pass1) | set(leaves(train))
     assert "accuracy" in details["knapsack"]["gsm8k"], "other benchmarks keep their accuracy"
-    assert dvc_metrics_files() == ["metrics/summary.json", "metrics/eval.json"]
+    assert not any(key.endswith("_seconds") for key in summary)
+    assert dvc_metrics_files() == [
+        "metrics/timing.json",
+        "metrics/summary.json",
+        "metrics/eval.json",
+    ]
 
 
 def test_committed_metrics_hold_each_number_once():
@@ -158,6 +160,9 @@ def test_headline_table_has_one_row_per_policy_with_intervals():
     assert [r[0] for r in rows] == ["start", "knapsack", "uniform"]
     assert rows[1][1] == "0.669 (0.623-0.715)" and rows[2][2] == "0.414"
     assert rows[0][1:] == ["0.390", "", ""]
+    untimed = {k: v for k, v in SUMMARY.items() if not k.endswith("_step_seconds")}
+    assert "s / step" not in markdown_table(untimed, ["knapsack", "uniform"])
+    assert [len(row) for row in headline_rows(untimed, ["knapsack"])] == [3, 3]
     start_interval = SUMMARY | {"start_accuracy_ci_low": 0.345, "start_accuracy_ci_high": 0.433}
     assert headline_rows(start_interval, [])[0][1] == "0.390 (0.345-0.433)"
     assert "1.71x" in markdown_table(SUMMARY, ["knapsack", "uniform"])
@@ -273,7 +278,8 @@ def test_readme_results_table_is_the_committed_reference_run():
     """The README's table shows what `make results` prints for the committed metrics
     (a new reference run must update both)."""
     summary = json.loads((REPO_ROOT / "metrics" / "summary.json").read_text())
-    expected = headline_rows(summary, ["knapsack", "uniform"])
+    timing = json.loads((REPO_ROOT / "metrics" / "timing.json").read_text())
+    expected = headline_rows(summary | timing, ["knapsack", "uniform"])
     readme = (REPO_ROOT / "README.md").read_text()
     table = [
         [cell.strip() for cell in line.strip("|").split("|")]
