@@ -543,8 +543,14 @@ def trial_mlflow_outage(supervisor: Supervisor, root: Path, outage_s: float):
     yield "mlflow-outage", check
 
 
+# Twice the last kill threshold: the push is still running when the last kill comes (with
+# 300 files a fast push finished before 240 uploads were listed).
+PUSH_FILES = 480
+KILL_AFTER_UPLOADS = (1, 40, 100, 170, 240)
+
+
 def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
-    """`dvc push` of 300 small files; the S3 server is SIGKILLed after k uploads."""
+    """`dvc push` of PUSH_FILES small files; the S3 server is SIGKILLed after k uploads."""
     sys.path.insert(0, str(REPO_ROOT))
     from pipeline_lib import dvc_remote
     from tests.integration.s3_server import make_bucket, running_s3_server
@@ -558,7 +564,7 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost",
     }  # fmt: skip
     rng = random.Random(0)
-    for i in range(300):
+    for i in range(PUSH_FILES):
         (data / f"f{i:03d}.bin").write_bytes(rng.randbytes(16384))
 
     def git(*args: str, cwd: Path = repo) -> None:
@@ -571,7 +577,7 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
     git("git", "init", "-q")
     git(sys.executable, "-m", "dvc", "init", "-q")
     git(sys.executable, "-m", "dvc", "add", "-q", "data")
-    thresholds = [1, 40, 100, 170, 240][:count]
+    thresholds = KILL_AFTER_UPLOADS[:count]
     with running_s3_server(workdir / "s3-data", seed=0) as server:
         os.environ.update(server.env)
         make_bucket(server, "fault-trials")
@@ -626,7 +632,7 @@ def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
                 message = str(error).splitlines()[0][:160] if error else ""
                 detail = (
                     f"killed after {uploaded} uploads: {message!r} (transient); retry: "
-                    f"{retried.summary!r}; clean clone pulled 300 identical files"
+                    f"{retried.summary!r}; clean clone pulled {PUSH_FILES} identical files"
                 )
                 return not problems, "; ".join(problems) if problems else detail
 
