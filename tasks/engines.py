@@ -27,7 +27,7 @@ def open_engine(
         engine: RolloutEngine = VLLMEngine(policy_dir, seed=seed, dtype=dtype, engine_kwargs=kwargs)
     elif backend == "hf":
         engine = HFGenerateEngine(*load_policy(policy_dir))
-    else:
+    else:  # 'auto' is resolved when params.yaml is loaded (PipelineConfig)
         raise ValueError(f"unknown rollout backend {backend!r}: use 'vllm' or 'hf'")
     try:
         yield engine

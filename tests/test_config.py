@@ -20,6 +20,21 @@ def test_repository_params_file_is_valid_and_matches_defaults():
     assert config == parse_config({})  # the file spells out the defaults
 
 
+@pytest.mark.parametrize(
+    ("raw", "backend"),
+    [
+        ({}, "hf"),  # the embedded tiny model
+        ({"train": {"backend": "auto"}}, "hf"),
+        ({"bootstrap": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, "vllm"),
+        ({"bootstrap": {"model": "models/my-checkpoint"}, "train": {"backend": "auto"}}, "vllm"),
+        ({"train": {"backend": "vllm"}}, "vllm"),  # an explicit engine is kept
+        ({"bootstrap": {"model": "org/model"}, "train": {"backend": "hf"}}, "hf"),
+    ],
+)
+def test_auto_backend_is_resolved_when_params_load(raw, backend):
+    assert parse_config(raw).train.backend == backend
+
+
 def test_unknown_key_names_it_and_the_allowed_keys():
     with pytest.raises(ConfigError) as error:
         parse_config({"train": {"stepz": 3}})

