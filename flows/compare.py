@@ -3,14 +3,17 @@
 `compare` trains every arm x seed run that has no finished record yet, then writes
 metrics/compare.json (pipeline_lib/compare_stats.py), the plots and the curves.
 Locally (`compare.deployment: null`) the runs train one after another in this
-process with one rollout engine; with a deployment name each run is a flow run of
-that deployment of `compare_run` (`run_deployment`), which a work pool's workers
-run in parallel, each with its own engine.
+process with one rollout engine, or, where the cores hold several runs
+(`compare.parallel_runs`), as tasks of Prefect's ProcessPoolTaskRunner, each process
+with its own engine. With a deployment name each run is a flow run of that deployment
+of `compare_run` (`run_deployment`), which a work pool's workers run in parallel,
+each with its own engine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,6 +22,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.common import load_stage_config, run_flow_cli
 from flows.train import heldout_table
@@ -94,6 +98,13 @@ def compare(params_path: str = "params.yaml", overrides: dict | None = None) -> 
     return summary | {"timing": timing}
 
 
+def parallel_runs(config: PipelineConfig) -> int:
+    """Runs trained at once locally: `compare.parallel_runs`, else cores // threads."""
+    if config.compare.parallel_runs is not None:
+        return config.compare.parallel_runs
+    return max(1, len(os.sched_getaffinity(0)) // config.threads)
+
+
 def train_locally(
     config: PipelineConfig,
     pairs: list[tuple[str, int]],
@@ -101,9 +112,23 @@ def train_locally(
     parent_id: str,
     clock: Stopwatch,
 ) -> list[dict]:
-    """The runs one after another in this process, one rollout engine for all."""
+    """The runs one after another in this process with one rollout engine for all, or
+    several at once in worker processes where the cores hold them."""
     if not pairs:
         return []
+    workers = min(parallel_runs(config), len(pairs))
+    if workers > 1:
+        print(f"training {len(pairs)} runs, {workers} at once (one process and engine each)")
+        with clock.phase("runs"), ProcessPoolTaskRunner(max_workers=workers) as runner:
+            futures = [
+                runner.submit(
+                    train_with_own_engine,
+                    {"config": config, "arm": arm, "seed": seed, "inputs": inputs,
+                     "parent_id": parent_id},
+                )
+                for arm, seed in pairs
+            ]  # fmt: skip
+            return [future.result() for future in futures]
     train, records = config.train, []
     with ExitStack() as stack:
         with clock.phase("engine"):
@@ -116,6 +141,19 @@ def train_locally(
             with clock.phase("runs"):
                 records.append(train_arm_seed(config, arm, seed, inputs, engine, parent_id))
     return records
+
+
+@task(cache_policy=NO_CACHE, task_run_name="process-{arm}-seed{seed}")
+def train_with_own_engine(
+    config: PipelineConfig, arm: str, seed: int, inputs: RunInputs, parent_id: str
+) -> dict:
+    """One arm x seed in a worker process of the task runner, with an engine of its own
+    (opened as the shared one is: same checkpoint, same engine seed)."""
+    train = config.train
+    with open_engine(
+        train.backend, inputs.start_policy, config.seed, train.vllm_engine_kwargs
+    ) as engine:
+        return train_arm_seed.fn(config, arm, seed, inputs, engine, parent_id)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="deployment-{arm}-seed{seed}")
@@ -161,7 +199,11 @@ def overhead(clock: Stopwatch, trained: list[dict]) -> dict[str, float]:
     """The flow's time outside its training runs (`train_seconds` of each trained run),
     absolute and as a share of the flow's wall time, and the phases it went to."""
     total = time.perf_counter() - clock.started
-    training = sum(record["train_seconds"] for record in trained)
+    # One after another, the runs' own seconds add up to less than the "runs" phase;
+    # in parallel, the phase's wall time is the smaller: training took the lesser.
+    training = min(
+        sum(record["train_seconds"] for record in trained), clock.seconds.get("runs", 0.0)
+    )
     return {
         "total_seconds": total,
         "training_seconds": training,

@@ -374,6 +374,14 @@ class CompareConfig(Section):
         "'compare-run/compare-local': each arm x seed becomes a flow run of it (run_deployment), "
         "so a work pool's workers run them in parallel.",
     )
+    parallel_runs: int | None = Field(
+        None,
+        ge=1,
+        description="Local runs trained at once, each in a process of Prefect's "
+        "ProcessPoolTaskRunner with its own rollout engine. null: as many as the CPU "
+        "cores hold (cores // threads: one at a time on 2 cores with threads 2); 1: one "
+        "after another in the flow's process, one engine for all.",
+    )
     output_dir: str = Field(
         "outputs/compare",
         description="Finished runs' results, one folder per arm x seed under `runs/`, named "

@@ -82,6 +82,22 @@ def test_a_run_key_ignores_the_other_arms_and_seeds_but_not_its_own_inputs():
         assert run_key(config, "knapsack", 0, changed) != key, field
 
 
+def test_parallel_runs_are_what_the_cores_hold_unless_set(monkeypatch):
+    from flows.compare import parallel_runs
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert parallel_runs(parse_config({})) == 8  # 16 cores, 2 threads a run
+    assert parallel_runs(parse_config({"threads": 4})) == 4
+    assert parallel_runs(parse_config({"compare": {"parallel_runs": 1}})) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert parallel_runs(parse_config({})) == 1  # 2 cores: one after another
+    assert parallel_runs(parse_config({"threads": 4})) == 1
+    # How many run at once is no part of a run's result: its key ignores it.
+    assert run_key(parse_config({"compare": {"parallel_runs": 3}}), "uniform", 0, INPUTS) == (
+        run_key(parse_config({}), "uniform", 0, INPUTS)
+    )
+
+
 def fake_steps(accuracies: list[float], rollouts_per_step: float) -> pd.DataFrame:
     """A metric history with an evaluation every step."""
     rows = []

