@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from prefect import task
@@ -37,13 +37,14 @@ from pipeline_lib.comparison import (
 )
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.rollout.base import RolloutEngine
-from pipeline_lib.tracking import Tracker, start_run
+from pipeline_lib.tracking import PARENT_RUN_TAG, Tracker, start_run
 from pipeline_lib.training import DirectoryCheckpointer
 from tasks.hashing import content_hash
 from tasks.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     NOTE_TAG,
+    find_run_by_tag,
     git_commit,
     prepare_tracking_store,
 )
@@ -147,19 +148,6 @@ def train_arm_seed(
     key = directory.name.rsplit("-", 1)[-1]
     state_dir = Path("outputs/compare_state") / directory.name
     tags = {ARM_TAG: arm, SEED_TAG: seed, "strategy": arm, "stage": "compare", RUN_KEY_TAG: key}
-    uri = prepare_tracking_store(config)
-
-    def open_run(resuming: bool):
-        return start_run(
-            uri,
-            config.tracking.experiment,
-            run_name=f"compare/{arm}/seed{seed}",
-            tags=tags,
-            parent_run_id=parent_run_id,
-            artifact_location=config.tracking.artifact_location,
-            flush_every=10,
-        )
-
     started = time.perf_counter()
     outcome = run_training(
         settings,
@@ -167,7 +155,9 @@ def train_arm_seed(
         TrainingInputs(inputs.start_policy, inputs.train_path, inputs.heldout_path),
         engine,
         DirectoryCheckpointer(state_dir, fingerprint=key),
-        open_run,
+        lambda resuming: open_child_run(
+            config, f"compare/{arm}/seed{seed}", tags, parent_run_id, resuming
+        ),
         directory,
         save_policy_dir=False,
     )
@@ -183,6 +173,34 @@ def train_arm_seed(
     save_record(config, record, inputs)
     shutil.rmtree(state_dir, ignore_errors=True)  # finished: the record replaces it
     return record
+
+
+def open_child_run(
+    config: PipelineConfig,
+    name: str,
+    tags: Mapping[str, object],
+    parent_run_id: str | None,
+    resuming: bool,
+) -> AbstractContextManager[Tracker]:
+    """A run's MLflow child of the comparison. A resumed run continues the MLflow run of
+    its interrupted attempt (found by its key tag), moved under this comparison's parent,
+    so one arm x seed has one run with its whole history."""
+    uri = prepare_tracking_store(config)
+    previous = find_run_by_tag(config, RUN_KEY_TAG, str(tags[RUN_KEY_TAG])) if resuming else None
+    if previous is not None:
+        moved = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+        return start_run(
+            uri, config.tracking.experiment, run_id=previous, tags=moved, flush_every=10
+        )
+    return start_run(
+        uri,
+        config.tracking.experiment,
+        run_name=name,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        artifact_location=config.tracking.artifact_location,
+        flush_every=10,
+    )
 
 
 @contextmanager

@@ -180,3 +180,34 @@ def test_the_block_does_not_depend_on_where_compare_json_is_read_from(tmp_path):
         (folder / "compare.json").write_text(json.dumps(summary))
     first, second = (compare_table.table_block(tmp_path / f / "compare.json") for f in "ab")
     assert first == second and "| knapsack | 2 |" in first
+
+
+def test_a_resumed_run_continues_its_mlflow_run_under_the_new_comparison(tmp_path):
+    """An interrupted arm x seed run, resumed by a later `make compare`, keeps one MLflow
+    run (its history so far and what follows) and moves under the comparison that
+    finishes it; a run started afresh gets a new child."""
+    from mlflow import MlflowClient
+
+    from tasks.compare import RUN_KEY_TAG, open_child_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = parse_config({"tracking": {"uri": uri, "artifact_location": str(tmp_path / "mlruns")}})
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("knapsack-rl")
+    first_parent = client.create_run(experiment).info.run_id
+    second_parent = client.create_run(experiment)
+    tags = {"arm": "knapsack", "seed": 0, RUN_KEY_TAG: "k123"}
+    with open_child_run(config, "compare/knapsack/seed0", tags, first_parent, False) as run:
+        run.log_metrics({"eval/accuracy": 0.4}, step=1)
+        interrupted = run.run_id
+    with open_child_run(
+        config, "compare/knapsack/seed0", tags, second_parent.info.run_id, True
+    ) as run:
+        run.log_metrics({"eval/accuracy": 0.5}, step=2)
+        resumed = run.run_id
+    assert resumed == interrupted
+    history = client.get_metric_history(resumed, "eval/accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.4), (2, 0.5)]
+    assert client.get_run(resumed).data.tags["mlflow.parentRunId"] == second_parent.info.run_id
+    with open_child_run(config, "compare/knapsack/seed0", tags, first_parent, False) as run:
+        assert run.run_id != interrupted
