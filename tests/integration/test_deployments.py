@@ -49,3 +49,43 @@ def test_tiny_pipeline_run_completes_and_writes_the_summary(stack):
     # The overrides reached the stages through `dvc exp run -S`.
     params = (stack.project / "params.yaml").read_text()
     assert "steps: 2" in params and "backend: hf" in params
+
+
+COMPARE_DEPLOYMENT = "compare-run/compare-local"
+
+
+def test_compare_sends_each_arm_and_seed_to_the_compare_deployment(stack):
+    """`compare.deployment` set: the compare flow (here, in the project) starts one flow run
+    of `compare-run/compare-local` per arm x seed with run_deployment; the process worker
+    runs them and their records come back as the flow runs' results."""
+    tiny = {**deploy_smoke.TINY_OVERRIDES, "compare.arms": ["knapsack", "uniform"]}
+    tiny |= {"compare.seeds": [0], "compare.steps": 2, "compare.deployment": COMPARE_DEPLOYMENT}
+    flags = [arg for key, value in tiny.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+    python = [sys.executable, "-m"]
+    for stage in ("flows.prepare", "flows.bootstrap"):  # the comparison's start policy and data
+        deploy_smoke.run_cli([*python, stage, *flags], stack.project, stack.env, timeout_s=600)
+    deploy_smoke.run_cli(
+        ["prefect", "--no-prompt", "deploy", "--name", COMPARE_DEPLOYMENT.split("/")[1]],
+        stack.project,
+        stack.env,
+    )
+    output = deploy_smoke.run_cli(
+        [*python, "flows.compare", *flags], stack.project, stack.env, timeout_s=900
+    )
+    assert "0 runs reused, 2 to train" in output, output[-3000:]
+    summary = json.loads((stack.project / "metrics" / "compare.json").read_text())
+    assert set(summary["arms"]) == {"knapsack", "uniform"}
+    records = sorted((stack.project / "outputs/compare/runs").glob("*/record.json"))
+    assert len(records) == 2
+    runs = json.loads(
+        deploy_smoke.run_cli(
+            ["prefect", "flow-run", "ls", "--flow-name", "compare-run", "--output", "json"],
+            stack.project,
+            stack.env,
+        )
+    )
+    finished = {run["name"]: run["state"]["type"] for run in runs}
+    assert finished == {
+        "compare-knapsack-seed0": "COMPLETED",
+        "compare-uniform-seed0": "COMPLETED",
+    }, finished
