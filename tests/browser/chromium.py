@@ -51,7 +51,13 @@ def _free_port() -> int:
 class Browser:
     """One headless Chromium session driven by its own chromedriver process."""
 
-    def __init__(self, chromium: str, driver: str, start_timeout_s: float = 60) -> None:
+    def __init__(
+        self,
+        chromium: str,
+        driver: str,
+        start_timeout_s: float = 60,
+        window_size: tuple[int, int] = (1400, 1000),
+    ) -> None:
         self._profile = tempfile.TemporaryDirectory()
         port = _free_port()
         self._base = f"http://127.0.0.1:{port}"
@@ -82,7 +88,7 @@ class Browser:
                 "--no-first-run",
                 f"--user-data-dir={self._profile.name}",
                 f"--proxy-server={NO_NETWORK_PROXY}",
-                "--window-size=1400,1000",
+                f"--window-size={window_size[0]},{window_size[1]}",
             ],
         }
         capabilities = {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}
