@@ -1,6 +1,7 @@
 """The results as a person opens them, in headless Chromium with no network beyond loopback:
 the DVC plots page draws its charts offline, the MLflow experiment opens on its training
-runs, the Prefect UI (on a non-default port) lists the flow runs.
+runs, the MLflow chart view draws a comparison's arm x seed runs, the Prefect UI (on a
+non-default port) lists the flow runs.
 
 On failure the page's screenshot is saved under test-artifacts/browser/.
 """
@@ -17,14 +18,23 @@ import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.browser.conftest import ARTIFACTS
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from mlflow_link import experiment_url  # noqa: E402
+from mlflow_screenshot import (  # noqa: E402
+    CLOSE_ASSISTANT_JS,
+    SCROLL_TO_TOP_JS,
+    chart_url,
+    show_only_charts,
+    wait_for_charts,
+)
 
 pytestmark = [pytest.mark.browser]
 
@@ -88,33 +98,21 @@ def test_dvc_plots_page_draws_both_charts_offline(browser, tmp_path):
     assert {"knapsack", "uniform"} <= set(legend), f"no legend entry per strategy: {legend}"
 
 
-@pytest.fixture(scope="module")
-def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
-    """An MLflow store holding one pipeline run made by the stage code, served by
-    `mlflow ui` as `make mlflow-ui` starts it (1 worker); yields (UI base, store, experiment)."""
-    from pipeline_lib.config import load_config
-    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    config = load_config(
-        REPO_ROOT / "params.yaml",
-        {"tracking.uri": uri, "tracking.artifact_location": str(root / "mlruns")},
-    )
+@contextmanager
+def tracking_uri_unset() -> Iterator[None]:
+    """Without MLFLOW_TRACKING_URI, so that the stage code logs to the config's store."""
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        with stage_run(config, "train") as tracker:
-            for strategy, ratio in (("knapsack", 0.7), ("uniform", 0.4)):
-                with tracker.child(f"train/{strategy}", {"strategy": strategy}) as run:
-                    for step in (1, 2, 3):
-                        run.log_metrics({"rollout/effective_gradient_ratio": ratio}, step=step)
+        yield
     finally:
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
-    from mlflow import MlflowClient
 
-    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
-    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
+
+@contextmanager
+def serve_mlflow(uri: str, cwd: Path) -> Iterator[str]:
+    """`mlflow ui` serving the store at `uri` as `make mlflow-ui` starts it (1 worker);
+    yields its address."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -129,7 +127,7 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
             "--workers",
             "1",
         ],
-        cwd=root,
+        cwd=cwd,
         env=os.environ | QUIET,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -138,9 +136,35 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
     try:
         seconds = wait_for(f"http://127.0.0.1:{port}/health", process, 240)
         print(f"mlflow ui (1 worker) answered after {seconds:.1f} s")
-        yield f"http://127.0.0.1:{port}", root / "mlflow.db", config.tracking.experiment
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
+    """An MLflow store holding one pipeline run made by the stage code, served by
+    `mlflow ui`; yields (UI base, store, experiment)."""
+    from pipeline_lib.config import load_config
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = load_config(
+        REPO_ROOT / "params.yaml",
+        {"tracking.uri": uri, "tracking.artifact_location": str(root / "mlruns")},
+    )
+    with tracking_uri_unset(), stage_run(config, "train") as tracker:
+        for strategy, ratio in (("knapsack", 0.7), ("uniform", 0.4)):
+            with tracker.child(f"train/{strategy}", {"strategy": strategy}) as run:
+                for step in (1, 2, 3):
+                    run.log_metrics({"rollout/effective_gradient_ratio": ratio}, step=step)
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
+    with serve_mlflow(uri, root) as base:
+        yield base, root / "mlflow.db", config.tracking.experiment
 
 
 def test_mlflow_link_opens_the_experiment_on_its_training_runs(browser, mlflow_ui):
@@ -151,6 +175,88 @@ def test_mlflow_link_opens_the_experiment_on_its_training_runs(browser, mlflow_u
     shown = browser.wait_for_text("Run Name", "pipeline-", "matching runs", timeout_s=120)
     assert "Token Usage" not in shown, "the GenAI overview is shown"
     assert "workflowType=machine_learning" in browser.script("return location.href;")
+
+
+COMPARISON_ARMS, COMPARISON_SEEDS = ("knapsack", "uniform"), (0, 1)
+COMPARISON_METRICS = ("eval/accuracy", "rollout/effective_gradient_ratio", "compute/rollouts_total")
+COMPARISON_RUNS = [
+    f"compare/{arm}/seed{seed}" for arm in COMPARISON_ARMS for seed in COMPARISON_SEEDS
+]
+
+
+def comparison_step(arm: str, seed: int, step: int) -> dict[str, float]:
+    """Made-up curves, one per arm x seed: the knapsack arm ahead, seeds apart; and a
+    metric the chart view is told to leave out (`train/loss`)."""
+    ahead = 1.0 if arm == "knapsack" else 0.0
+    return {
+        "eval/accuracy": 0.4 + 0.1 * ahead + 0.05 * step + 0.01 * seed,
+        "rollout/effective_gradient_ratio": 0.4 + 0.3 * ahead - 0.02 * step,
+        "compute/rollouts_total": 64.0 * step * (1 + seed),
+        "train/loss": 1.0 / step,
+    }
+
+
+@pytest.fixture(scope="module")
+def mlflow_comparison(tmp_path_factory) -> Iterator[tuple[str, Path, str, str]]:
+    """An MLflow store holding one comparison made by the compare stage's code: the parent
+    run from `comparison_run`, a child per arm x seed opened as `train_arm_seed` opens it,
+    served by `mlflow ui`; yields (UI base, store, experiment, parent run id)."""
+    from pipeline_lib.config import load_config
+    from pipeline_lib.tracking import start_run
+    from tasks.compare import ARM_TAG, SEED_TAG, comparison_run
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    root = tmp_path_factory.mktemp("mlflow_comparison")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    overrides = {
+        "tracking.uri": uri,
+        "tracking.artifact_location": str(root / "mlruns"),
+        "compare.arms": list(COMPARISON_ARMS),
+        "compare.seeds": list(COMPARISON_SEEDS),
+    }
+    config = load_config(REPO_ROOT / "params.yaml", overrides)
+    with tracking_uri_unset(), comparison_run(config) as parent:
+        for arm in COMPARISON_ARMS:
+            for seed in COMPARISON_SEEDS:
+                tags = {ARM_TAG: arm, SEED_TAG: seed, "strategy": arm, "stage": "compare"}
+                with start_run(
+                    uri,
+                    config.tracking.experiment,
+                    run_name=f"compare/{arm}/seed{seed}",
+                    tags=tags,
+                    parent_run_id=parent.run_id,
+                    artifact_location=config.tracking.artifact_location,
+                ) as run:
+                    for step in (1, 2, 3, 4):
+                        run.log_metrics(comparison_step(arm, seed, step), step=step)
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
+    with serve_mlflow(uri, root) as base:
+        yield base, root / "mlflow.db", config.tracking.experiment, str(parent.run_id)
+
+
+def test_mlflow_chart_view_draws_every_arm_and_seed_of_a_comparison(browser, mlflow_comparison):
+    """The chart view of a comparison (runs page, `compareRunsMode=CHART`, filtered to the
+    parent's children) lists the arm x seed runs and draws one line per run in the chart
+    of each metric. Its screenshot: test-artifacts/browser/mlflow_comparison_charts.png."""
+    base, store, experiment, parent = mlflow_comparison
+    browser.open(chart_url(base, store, experiment, parent))
+    shown = browser.wait_for_text(*COMPARISON_RUNS, "4 matching runs", timeout_s=120)
+    assert "compare-" not in shown, "the parent run is listed: the search filter was dropped"
+    assert "compareRunsMode=CHART" in browser.script("return location.href;")
+    browser.script(CLOSE_ASSISTANT_JS)
+    all_charts = wait_for_charts(browser, [*COMPARISON_METRICS, "train/loss"], timeout_s=180)
+    assert sorted(all_charts["train/loss"]) == COMPARISON_RUNS, all_charts
+    show_only_charts(browser, COMPARISON_METRICS)
+    charts = wait_for_charts(browser, COMPARISON_METRICS, timeout_s=180)
+    assert set(charts) == set(COMPARISON_METRICS), f"charts other than the chosen: {charts}"
+    for metric in COMPARISON_METRICS:
+        assert sorted(charts[metric]) == COMPARISON_RUNS, f"{metric}: lines {charts[metric]}"
+    browser.script(SCROLL_TO_TOP_JS)
+    wait_for_charts(browser, timeout_s=60)
+    print(f"screenshot: {browser.screenshot(ARTIFACTS / 'mlflow_comparison_charts.png')}")
 
 
 def test_prefect_ui_on_another_port_lists_the_flow_runs(browser, tmp_path):
