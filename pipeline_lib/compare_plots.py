@@ -8,7 +8,7 @@ Built on `matplotlib.figure.Figure` (no pyplot), like `pipeline_lib.plots`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,8 +23,11 @@ X_LABELS = {
 }
 
 
-def _arm_lines(ax, table: pd.DataFrame, x: str, y: str, arms: Sequence[str]) -> None:
-    """Per arm: the seed mean of `y` against the seed mean of `x` per step, min-max band."""
+def _arm_lines(
+    ax, table: pd.DataFrame, x: str, y: str, arms: Sequence[str], colours: Mapping[str, str]
+) -> None:
+    """Per arm: the seed mean of `y` against the seed mean of `x` per step, min-max band;
+    an arm's colour from `colours`, else matplotlib's cycle."""
     for index, arm in enumerate(arms):
         rows = table[table["arm"] == arm]
         if rows.empty:
@@ -32,14 +35,16 @@ def _arm_lines(ax, table: pd.DataFrame, x: str, y: str, arms: Sequence[str]) -> 
         grouped = rows.groupby("step")
         stats = grouped[y].agg(["mean", "min", "max"]).join(grouped[x].mean().rename("x"))
         stats = stats.sort_values("x")
-        colour = f"C{index % 10}"
+        colour = colours.get(arm, f"C{index % 10}")
         seeds = rows["seed"].nunique()
         ax.plot(stats["x"], stats["mean"], color=colour, label=f"{arm} ({seeds} seeds)")
         if seeds > 1:
             ax.fill_between(stats["x"], stats["min"], stats["max"], color=colour, alpha=0.2)
 
 
-def accuracy_vs_compute(curves: pd.DataFrame, x: str, arms: Sequence[str]) -> Figure:
+def accuracy_vs_compute(
+    curves: pd.DataFrame, x: str, arms: Sequence[str], colours: Mapping[str, str] | None = None
+) -> Figure:
     """Held-out accuracy against cumulative `x` (rollouts, tokens or seconds), per arm.
 
     Args:
@@ -52,7 +57,7 @@ def accuracy_vs_compute(curves: pd.DataFrame, x: str, arms: Sequence[str]) -> Fi
         raise ValueError(f"x must be one of {list(X_LABELS)}, got {x!r}")
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()
-    _arm_lines(ax, curves, x, "accuracy", arms)
+    _arm_lines(ax, curves, x, "accuracy", arms, colours or {})
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"Held-out accuracy vs {x} (mean over seeds, min-max band)")
@@ -62,7 +67,10 @@ def accuracy_vs_compute(curves: pd.DataFrame, x: str, arms: Sequence[str]) -> Fi
 
 
 def effective_gradient_ratio_per_step(
-    egr: pd.DataFrame, arms: Sequence[str], window: int = 10
+    egr: pd.DataFrame,
+    arms: Sequence[str],
+    window: int = 10,
+    colours: Mapping[str, str] | None = None,
 ) -> Figure:
     """Effective-gradient ratio per step per arm, a `window`-step rolling mean per seed.
 
@@ -78,7 +86,7 @@ def effective_gradient_ratio_per_step(
     smoothed["step_x"] = smoothed["step"]
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()
-    _arm_lines(ax, smoothed, "step_x", "value", arms)
+    _arm_lines(ax, smoothed, "step_x", "value", arms, colours or {})
     ax.set_xlabel(X_LABELS["step"])
     ax.set_ylabel(f"effective-gradient ratio ({window}-step rolling mean)")
     ax.set_title("Share of rollouts with a learning signal (mean over seeds, min-max band)")

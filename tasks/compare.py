@@ -44,6 +44,8 @@ from tasks.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     NOTE_TAG,
+    RUN_COLOR_TAG,
+    STRATEGY_COLORS,
     find_run_by_tag,
     git_commit,
     prepare_tracking_store,
@@ -148,6 +150,8 @@ def train_arm_seed(
     key = directory.name.rsplit("-", 1)[-1]
     state_dir = Path("outputs/compare_state") / directory.name
     tags = {ARM_TAG: arm, SEED_TAG: seed, "strategy": arm, "stage": "compare", RUN_KEY_TAG: key}
+    if arm in STRATEGY_COLORS:  # the arm's colour in MLflow's charts, as in the PNG plots
+        tags[RUN_COLOR_TAG] = STRATEGY_COLORS[arm]
     started = time.perf_counter()
     outcome = run_training(
         settings,
@@ -281,9 +285,12 @@ def write_comparison(
     plots_dir.mkdir(parents=True, exist_ok=True)
     curves = curves_table(records)
     figures = {
-        name: compare_plots.accuracy_vs_compute(curves, x, arms) for x, name in PLOTS.items()
+        name: compare_plots.accuracy_vs_compute(curves, x, arms, STRATEGY_COLORS)
+        for x, name in PLOTS.items()
     }
-    figures[EGR_PLOT] = compare_plots.effective_gradient_ratio_per_step(egr_table(records), arms)
+    figures[EGR_PLOT] = compare_plots.effective_gradient_ratio_per_step(
+        egr_table(records), arms, colours=STRATEGY_COLORS
+    )
     for name, figure in figures.items():
         figure.savefig(plots_dir / name, dpi=110)
         parent.log_artifact(plots_dir / name, "plots")

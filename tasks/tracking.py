@@ -43,7 +43,15 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (markdo
 # Per strategy, the colours of the DVC plots (.dvc/plots/*.json's colour scale), so a
 # strategy looks the same everywhere.
 RUN_COLOR_TAG = "mlflow.runColor"
-STRATEGY_COLORS = {"knapsack": "#d62728", "uniform": "#1f77b4"}
+STRATEGY_COLORS = {
+    "knapsack": "#d62728",
+    "uniform": "#1f77b4",
+    "uniform-2x": "#9467bd",
+    "dynamic-sampling": "#2ca02c",
+    "knapsack-no-fallback": "#ff7f0e",
+    "knapsack-gradient-only": "#8c564b",
+    "knapsack-official": "#e377c2",
+}
 # Where `make mlflow-ui` serves the UI; links in Prefect and in run descriptions use it.
 MLFLOW_UI_ENV = "KNAPSACK_RL_MLFLOW_UI"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"

@@ -155,6 +155,26 @@ def test_effective_gradient_ratio_plot_has_a_line_per_arm():
     assert len(figure.axes[0].lines) == 2
 
 
+def test_an_arm_keeps_its_colour_in_every_plot():
+    """The project's strategy colours (also the MLflow runs' colour tags), not the cycle's."""
+    from matplotlib.colors import to_hex
+
+    from tasks.tracking import STRATEGY_COLORS
+
+    arms = ["uniform", "knapsack"]
+    figures = [
+        compare_plots.accuracy_vs_compute(
+            curves_table(records()), "rollouts", arms, STRATEGY_COLORS
+        ),
+        compare_plots.effective_gradient_ratio_per_step(
+            egr_table(records()), arms, colours=STRATEGY_COLORS
+        ),
+    ]
+    for figure in figures:
+        colours = [to_hex(line.get_color()) for line in figure.axes[0].lines]
+        assert colours == [STRATEGY_COLORS["uniform"], STRATEGY_COLORS["knapsack"]]
+
+
 def test_the_readme_table_is_rewritten_between_the_markers_only():
     summary = compare_summary("uniform", arm_runs(records(), ["knapsack", "uniform"]))
     readme = f"intro\n{compare_table.START}\nold\n{compare_table.END}\noutro\n"
