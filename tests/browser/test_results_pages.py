@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from mlflow_screenshot import (  # noqa: E402
     SCROLL_TO_TOP_JS,
     chart_url,
     show_only_charts,
+    stop,
     wait_for_charts,
 )
 
@@ -65,16 +65,6 @@ def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> float:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def test_dvc_plots_page_draws_both_charts_offline(browser, tmp_path):
