@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
-from mlflow_link import experiment_url  # noqa: E402
+from mlflow_link import chart_url, newest_comparison  # noqa: E402
 
 from pipeline_lib.config import load_config  # noqa: E402
 from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary  # noqa: E402
@@ -89,42 +88,6 @@ const input = document.querySelector(arguments[0]);
 Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(input, arguments[1]);
 input.dispatchEvent(new Event('input', {bubbles: true}));
 """
-
-
-def newest_comparison(store: Path, experiment: str) -> str | None:
-    """The run id of the newest comparison's parent run (`tasks.compare.comparison_run`:
-    tagged stage `compare`, no parent of its own), read from the sqlite store."""
-    query = """
-        SELECT runs.run_uuid FROM runs
-        JOIN experiments ON experiments.experiment_id = runs.experiment_id
-        JOIN tags AS stage ON stage.run_uuid = runs.run_uuid
-        WHERE experiments.name = ? AND runs.lifecycle_stage = 'active'
-          AND stage.key = 'stage' AND stage.value = 'compare'
-          AND NOT EXISTS (SELECT 1 FROM tags WHERE tags.run_uuid = runs.run_uuid
-                          AND tags.key = 'mlflow.parentRunId')
-        ORDER BY runs.start_time DESC LIMIT 1
-    """
-    try:
-        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-            row = db.execute(query, (experiment,)).fetchone()
-    except sqlite3.DatabaseError as error:
-        raise SystemExit(f"{store} is not an MLflow sqlite store: {error}") from error
-    return row[0] if row else None
-
-
-def chart_url(base: str, store: Path, experiment: str, parent_run_id: str | None = None) -> str:
-    """The experiment's runs page in chart mode; with `parent_run_id`, that run's children
-    only, listed flat by name (module docstring)."""
-    url = experiment_url(base, store, experiment) + "&compareRunsMode=CHART"
-    if parent_run_id is None:
-        return url
-    # The UI takes the search filter from the address only together with a sort order.
-    search = {
-        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        "orderByKey": "tags.`mlflow.runName`",
-        "orderByAsc": "true",
-    }
-    return f"{url}&{urllib.parse.urlencode(search, quote_via=urllib.parse.quote)}"
 
 
 def show_only_charts(browser: Browser, titles: Collection[str], timeout_s: float = 120) -> None:

@@ -220,6 +220,31 @@ def test_mlflow_link_points_at_the_experiments_training_view(tmp_path):
     )
 
 
+def test_mlflow_link_finds_the_newest_comparison_and_charts_its_children(tmp_path):
+    from mlflow_link import chart_url, newest_comparison
+
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER, name TEXT)")
+        db.execute("INSERT INTO experiments VALUES (7, 'knapsack-rl')")
+        db.execute(
+            "CREATE TABLE runs (run_uuid TEXT, experiment_id INTEGER, start_time INTEGER,"
+            " lifecycle_stage TEXT)"
+        )
+        db.execute("CREATE TABLE tags (run_uuid TEXT, key TEXT, value TEXT)")
+        for run, start, parent in (("old", 1, None), ("new", 2, None), ("child", 3, "new")):
+            db.execute("INSERT INTO runs VALUES (?, 7, ?, 'active')", (run, start))
+            db.execute("INSERT INTO tags VALUES (?, 'stage', 'compare')", (run,))
+            if parent:
+                db.execute("INSERT INTO tags VALUES (?, 'mlflow.parentRunId', ?)", (run, parent))
+    assert newest_comparison(store, "knapsack-rl") == "new"  # a parent, the newest one
+    assert newest_comparison(store, "other") is None
+    url = chart_url("http://h", store, "knapsack-rl", "new")
+    assert url.startswith("http://h/#/experiments/7/runs?workflowType=machine_learning")
+    assert "compareRunsMode=CHART" in url and "orderByKey=" in url
+    assert "searchFilter=tags.%60mlflow.parentRunId%60%20%3D%20%27new%27" in url
+
+
 @pytest.fixture
 def config(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

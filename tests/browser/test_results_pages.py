@@ -26,11 +26,13 @@ from tests.browser.conftest import ARTIFACTS
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from mlflow_link import experiment_url  # noqa: E402
+from mlflow_link import (
+    chart_url,  # noqa: E402
+    experiment_url,  # noqa: E402
+)
 from mlflow_screenshot import (  # noqa: E402
     CLOSE_ASSISTANT_JS,
     SCROLL_TO_TOP_JS,
-    chart_url,
     show_only_charts,
     stop,
     wait_for_charts,
