@@ -30,12 +30,15 @@ from mlflow_link import (
     chart_url,  # noqa: E402
     experiment_url,  # noqa: E402
 )
-from mlflow_screenshot import (  # noqa: E402
+from mlflow_screenshot import (
     CLOSE_ASSISTANT_JS,
     SCROLL_TO_TOP_JS,
     show_only_charts,
     stop,
     wait_for_charts,
+)
+from mlflow_screenshot import (  # noqa: E402
+    mlflow_ui as mlflow_ui_server,
 )
 
 pytestmark = [pytest.mark.browser]
@@ -101,38 +104,6 @@ def tracking_uri_unset() -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-@contextmanager
-def serve_mlflow(uri: str, cwd: Path) -> Iterator[str]:
-    """`mlflow ui` serving the store at `uri` as `make mlflow-ui` starts it (1 worker);
-    yields its address."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            f"{BIN}/mlflow",
-            "ui",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=cwd,
-        env=os.environ | QUIET,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        seconds = wait_for(f"http://127.0.0.1:{port}/health", process, 240)
-        print(f"mlflow ui (1 worker) answered after {seconds:.1f} s")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(process)
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
     """An MLflow store holding one pipeline run made by the stage code, served by
@@ -155,7 +126,7 @@ def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
 
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
     assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
-    with serve_mlflow(uri, root) as base:
+    with mlflow_ui_server(root / "mlflow.db") as base:
         yield base, root / "mlflow.db", config.tracking.experiment
 
 
@@ -225,7 +196,7 @@ def mlflow_comparison(tmp_path_factory) -> Iterator[tuple[str, Path, str, str]]:
 
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.tracking.experiment)
     assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
-    with serve_mlflow(uri, root) as base:
+    with mlflow_ui_server(root / "mlflow.db") as base:
         yield base, root / "mlflow.db", config.tracking.experiment, str(parent.run_id)
 
 
