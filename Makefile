@@ -17,8 +17,9 @@ export DVC_NO_ANALYTICS := 1
 export VLLM_NO_USAGE_STATS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
-# OpenMP threads sleep rather than spin while they wait (see pipeline_lib/__init__.py).
+# OpenMP threads spin ~10 us, then sleep while they wait (see pipeline_lib/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
+export GOMP_SPINCOUNT := 1000
 # Prefect's state (flow runs, cached task results) stays in the repository.
 export PREFECT_HOME := $(CURDIR)/.prefect
 

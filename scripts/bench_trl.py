@@ -36,7 +36,9 @@ last_number`); the TRL side has a pure-Python copy of that rule.
       disable_tqdm=True, log_completions=False, seed=params.yaml's seed.
 
 Each side runs in a subprocess of its own, one after the other, with
-OMP_WAIT_POLICY=PASSIVE (README: CPU threads under contention) and 2 torch threads
+the same OpenMP waits (`--openmp project`: this project's OMP_WAIT_POLICY=PASSIVE and
+GOMP_SPINCOUNT=1000, README: CPU threads under contention; `runtime`: libgomp's
+default spin, GOMP_SPINCOUNT=300000) and 2 torch threads
 (`--threads`; vLLM's engine process picks its own, as in the train stage). Reported:
 the median seconds per step over steps warmup+1 .. steps-1 (the first steps warm
 caches up; the last one holds the final held-out check on this project's side),
@@ -147,14 +149,22 @@ def ensure_trl_venv() -> Path:
 # --------------------------------------------------------------------------- workers
 
 
-def worker_env() -> dict[str, str]:
-    """Passive OpenMP waits and no Hugging Face Hub.
+# pipeline_lib/__init__.py's defaults, given to both sides (TRL does not import it).
+OPENMP_WAITS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 
-    The thread count is torch's (`torch.set_num_threads`), as in the train stage: an
-    OMP_NUM_THREADS here would also change the threads of vLLM's engine process.
+
+def worker_env(openmp: str = "project") -> dict[str, str]:
+    """The same OpenMP waits for both sides, and no Hugging Face Hub.
+
+    `openmp`: "project" gives both sides this project's settings (pipeline_lib:
+    a ~10 us spin, then passive waits); "runtime" gives both libgomp's default spin
+    (GOMP_SPINCOUNT=300000, ~3 ms). The thread count is torch's (`torch.set_num_threads`), as
+    in the train stage: an OMP_NUM_THREADS here would also change the threads of
+    vLLM's engine process.
     """
-    return os.environ | {
-        "OMP_WAIT_POLICY": "PASSIVE",
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAITS}
+    env |= OPENMP_WAITS if openmp == "project" else {"GOMP_SPINCOUNT": "300000"}
+    return env | {
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -170,7 +180,7 @@ def run_worker(python: Path | str, side: str, args: argparse.Namespace, settings
         command += ["--prepared", str(args.prepared), "--params", str(args.params)]
         command += ["--strategy", args.strategy, "--settings", json.dumps(settings)]
         print(f"\n== {side} ==", flush=True)
-        returncode = subprocess.run(command, cwd=ROOT, env=worker_env()).returncode
+        returncode = subprocess.run(command, cwd=ROOT, env=worker_env(args.openmp)).returncode
         if returncode != 0:
             sys.exit(f"error: the {side} side failed (exit status {returncode}), see above")
         # The load while it ran: wall times are only comparable on an idle machine.
@@ -402,6 +412,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--strategy", default="uniform", help="this project's allocation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    parser.add_argument(
+        "--openmp",
+        choices=["project", "runtime"],
+        default="project",
+        help="OpenMP waits for both sides: this project's defaults or libgomp's own",
+    )
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "start")
     parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
@@ -435,7 +451,8 @@ def run_sides(args: argparse.Namespace, settings: dict, trl_python: Path) -> dic
 
 def write_report(path: Path, args: argparse.Namespace, settings: dict, sides, ratios) -> None:
     report = {
-        "settings": settings | {"steps": args.steps, "strategy": args.strategy},
+        "settings": settings
+        | {"steps": args.steps, "strategy": args.strategy, "openmp": args.openmp},
         "steps_timed": [args.warmup + 1, args.steps - 1],
         "completions_per_step": completions_per_step(settings),
         "sides": sides,

@@ -53,13 +53,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from pipeline_lib.processes import Supervisor  # noqa: E402
+from pipeline_lib.training.compute import is_wall_clock  # noqa: E402
 
 SEED = 1  # training seed: rollout calls use seed 100003 + step, evaluations seed 1
 ROLLOUT_SEED_BASE = SEED * 100_003
 TRAIN_STEPS = 6
 KILL_STEP_SLEEP_S = 1.0  # extra seconds per rollout call in the kill trials
 FINGERPRINT = "fault-trials"
-TIME_COLUMNS = ("seconds", "per_s", "time/")  # wall-clock metrics differ run to run
 
 
 @dataclass
@@ -273,7 +273,7 @@ def compare_runs(run: Path, reference: Path) -> list[str]:
     except AssertionError as error:
         problems.append(f"status differs: {str(error)[:200]}")
     steps_a, steps_b = (pd.read_csv(p / "final/steps.csv") for p in (run, reference))
-    keep = [c for c in steps_b.columns if not any(t in c for t in TIME_COLUMNS)]
+    keep = [c for c in steps_b.columns if not is_wall_clock(c)]
     try:
         pd.testing.assert_frame_equal(steps_a[keep], steps_b[keep], check_exact=True)
     except (AssertionError, KeyError) as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pipeline_lib.training import (
     TrainState,
     train_policy,
 )
+from pipeline_lib.training.compute import is_wall_clock
 from pipeline_lib.training.loop import HeldoutEvaluator
 from pipeline_lib.update import LocalUpdater, Updater, UpdateSettings
 from tasks.tracking import find_run_by_tag, prepare_tracking_store
@@ -205,9 +207,13 @@ def run_training(
 
 
 def _write_outputs(result: TrainingResult, output_dir: Path, tracker: Tracker) -> dict[str, float]:
-    """steps.csv and train_summary.json beside the policy; both and the policy to MLflow."""
-    steps_csv = output_dir / "steps.csv"
-    result.steps.to_csv(steps_csv, index=False)
+    """steps.csv and train_summary.json beside the policy; all of it to MLflow.
+
+    The files beside the policy leave out wall-clock numbers, so that a rerun's
+    models/trained is bit-identical (README, Reproducibility); MLflow gets the whole
+    table, timings included, and the returned summary has the timings for
+    metrics/timing.json.
+    """
     summary = {
         "final_accuracy": result.final_accuracy,
         "mean_effective_gradient_ratio": result.mean_effective_gradient_ratio,
@@ -217,6 +223,12 @@ def _write_outputs(result: TrainingResult, output_dir: Path, tracker: Tracker) -
         "mean_tracking_seconds": float(result.steps["time/tracking_seconds"].mean()),
     }
     tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()})
-    tracker.log_artifact(str(steps_csv), "metrics")
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    with tempfile.TemporaryDirectory() as scratch:
+        timed_csv = Path(scratch) / "steps.csv"
+        result.steps.to_csv(timed_csv, index=False)
+        tracker.log_artifact(str(timed_csv), "metrics")
+    steps = result.steps.drop(columns=[c for c in result.steps if is_wall_clock(c)])
+    steps.to_csv(output_dir / "steps.csv", index=False)
+    untimed = {k: v for k, v in summary.items() if not is_wall_clock(k)}
+    (output_dir / "train_summary.json").write_text(json.dumps(untimed, indent=2))
     return summary

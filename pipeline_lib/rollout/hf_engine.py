@@ -1,8 +1,11 @@
 """`RolloutEngine` on transformers `generate`, for machines without vLLM.
 
-Slower than vLLM but dependency-free; also the reference the vLLM engine is
-tested against. Per-prompt n is served by repeating prompt rows; prompts of
-different lengths are left-padded so that generation starts in one column.
+Slower than vLLM on real models but dependency-free, and the faster of the two for
+the embedded tiny policy; also the reference the vLLM engine is tested against.
+Per-prompt n is served by repeating prompt rows; prompts of different lengths are
+left-padded so that generation starts in one column. Like vLLM's prefix cache, the
+rows of one prompt share its prefill: the prompt is run through the model once and
+its KV cache copied to each of its rows.
 """
 
 from __future__ import annotations
@@ -113,9 +116,11 @@ class HFGenerateEngine:
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
         output = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=self._prompt_cache(model, input_ids, attention_mask, prompt_indices),
             generation_config=self._generation_config(sampling),
         )
         new_tokens = output.sequences[:, width:].cpu()  # (rows, steps)
@@ -144,6 +149,40 @@ class HFGenerateEngine:
                 )
             )
         return completions
+
+    @staticmethod
+    def _prompt_cache(
+        model: transformers.PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_indices: list[int],
+    ) -> transformers.DynamicCache | None:
+        """KV cache of every row's prompt but its last token, computed once per distinct
+        prompt and copied to that prompt's rows; None when no prompt has two rows.
+
+        `generate` then runs only the last prompt column and the new tokens. Positions
+        are generate's own (from the attention mask, 0 on padding), so the cached
+        prefix is the one generate would have computed itself.
+        """
+        rows_prompt = torch.tensor(prompt_indices)
+        distinct, row_to_distinct = torch.unique(rows_prompt, return_inverse=True)
+        if input_ids.shape[1] < 2 or len(distinct) == len(prompt_indices):
+            return None
+        # One row per distinct prompt: the first row that holds it.
+        first_row = torch.full((len(distinct),), len(prompt_indices), dtype=torch.long)
+        first_row.scatter_reduce_(0, row_to_distinct, torch.arange(len(prompt_indices)), "amin")
+        ids, mask = input_ids[first_row, :-1], attention_mask[first_row, :-1]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = transformers.DynamicCache(config=model.config)
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_select_indices(row_to_distinct.to(input_ids.device))
+        return cache
 
     def _generation_config(self, sampling: SamplingConfig) -> transformers.GenerationConfig:
         # Every sampling knob is set explicitly: unset ones would be filled from the

@@ -86,6 +86,18 @@ def step_compute(
     }
 
 
+# Names of wall-clock measurements (`time/step_seconds`, `rollout/tokens_per_s`,
+# `mean_step_seconds`, ...): they differ on every run, so the outputs that a rerun must
+# reproduce bit for bit (models/trained) leave them out; MLflow and
+# metrics/timing.json have them.
+WALL_CLOCK_MARKERS = ("seconds", "per_s", "time/")
+
+
+def is_wall_clock(name: str) -> bool:
+    """Whether a metric or summary name is a wall-clock measurement."""
+    return any(marker in name for marker in WALL_CLOCK_MARKERS)
+
+
 def _number(value: object) -> float:
     """A history value as a float; missing or NaN (a CSV round trip) counts as 0."""
     if value is None:

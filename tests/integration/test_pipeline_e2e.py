@@ -93,6 +93,19 @@ def test_repro_writes_summary_with_both_strategies(project, first_repro):
     assert curves[0] == "step,knapsack,uniform" and len(curves) >= 3
 
 
+def test_trained_policy_directory_holds_no_wall_clock_numbers(project, first_repro):
+    """models/trained must be bit-identical on a rerun: its tables leave timings out."""
+    from pipeline_lib.training.compute import is_wall_clock
+
+    root, _ = project
+    for strategy in ("knapsack", "uniform"):
+        trained = root / "models/trained" / strategy
+        columns = (trained / "steps.csv").read_text().splitlines()[0].split(",")
+        summary = json.loads((trained / "train_summary.json").read_text())
+        assert "rollout/effective_gradient_ratio" in columns and "final_accuracy" in summary
+        assert not [name for name in [*columns, *summary] if is_wall_clock(name)]
+
+
 def test_second_repro_runs_nothing(project, first_repro):
     root, env = project
     out = run(["dvc", "repro"], root, env)
@@ -100,7 +113,7 @@ def test_second_repro_runs_nothing(project, first_repro):
     assert "Running stage" not in out
 
 
-def test_mlflow_holds_parent_stage_and_strategy_runs(project, first_repro):
+def test_mlflow_holds_parent_stage_and_strategy_runs(project, first_repro, tmp_path):
     from mlflow import MlflowClient
 
     root, env = project
@@ -118,6 +131,9 @@ def test_mlflow_holds_parent_stage_and_strategy_runs(project, first_repro):
     assert [m.step for m in history] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(knapsack.info.run_id)}
     assert {"plots", "metrics"} <= artifacts
+    # MLflow keeps the whole per-step table, wall-clock columns included.
+    steps_csv = client.download_artifacts(knapsack.info.run_id, "metrics/steps.csv", str(tmp_path))
+    assert "time/step_seconds" in Path(steps_csv).read_text().splitlines()[0].split(",")
     (policy,) = knapsack.outputs.model_outputs  # the policy, an MLflow transformers model
     assert client.get_logged_model(policy.model_id).name == "policy"
 

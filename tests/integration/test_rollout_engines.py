@@ -116,10 +116,14 @@ def test_reported_logprobs_match_teacher_forced_recomputation(
     rollout_base_state: dict[str, torch.Tensor],
     temperature: float,
 ) -> None:
-    """Logprobs are those of the (temperature-scaled) policy that sampled the tokens."""
+    """Logprobs are those of the (temperature-scaled) policy that sampled the tokens.
+
+    Uneven n: the HF engine computes each prompt's prefill once and copies its cache
+    to the prompt's rows, so a row given another prompt's cache would show here.
+    """
     groups = rollout_engine.generate(
         encode_prompts(rollout_tokenizer),
-        [4, 4, 4, 4],
+        [4, 1, 6, 3],
         SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, seed=2),
     )
     assert_match_model(
