@@ -37,8 +37,8 @@ last_number`); the TRL side has a pure-Python copy of that rule.
 
 Each side runs in a subprocess of its own, one after the other, with
 the same OpenMP waits (`--openmp project`: this project's OMP_WAIT_POLICY=PASSIVE and
-GOMP_SPINCOUNT=1000, README: CPU threads under contention; `runtime`: libgomp's
-default spin, GOMP_SPINCOUNT=300000) and 2 torch threads
+GOMP_SPINCOUNT=1000, README: CPU threads under contention; `passive`: no spin;
+`runtime`: libgomp's default spin, GOMP_SPINCOUNT=300000) and 2 torch threads
 (`--threads`; vLLM's engine process picks its own, as in the train stage). Reported:
 the median seconds per step over steps warmup+1 .. steps-1 (the first steps warm
 caches up; the last one holds the final held-out check on this project's side),
@@ -149,21 +149,25 @@ def ensure_trl_venv() -> Path:
 # --------------------------------------------------------------------------- workers
 
 
-# pipeline_lib/__init__.py's defaults, given to both sides (TRL does not import it).
-OPENMP_WAITS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+# OpenMP waits given to both sides (TRL does not import pipeline_lib, which sets them).
+OPENMP_WAITS = {
+    # pipeline_lib/__init__.py's defaults: spin ~10 us, then sleep.
+    "project": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
+    # Sleep at once (this project's default before GOMP_SPINCOUNT was set).
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+    # libgomp's own default spin, ~3 ms.
+    "runtime": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"},
+}
 
 
 def worker_env(openmp: str = "project") -> dict[str, str]:
-    """The same OpenMP waits for both sides, and no Hugging Face Hub.
+    """The same OpenMP waits for both sides (`OPENMP_WAITS[openmp]`), and no Hugging
+    Face Hub.
 
-    `openmp`: "project" gives both sides this project's settings (pipeline_lib:
-    a ~10 us spin, then passive waits); "runtime" gives both libgomp's default spin
-    (GOMP_SPINCOUNT=300000, ~3 ms). The thread count is torch's (`torch.set_num_threads`), as
-    in the train stage: an OMP_NUM_THREADS here would also change the threads of
-    vLLM's engine process.
+    The thread count is torch's (`torch.set_num_threads`), as in the train stage: an
+    OMP_NUM_THREADS here would also change the threads of vLLM's engine process.
     """
-    env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAITS}
-    env |= OPENMP_WAITS if openmp == "project" else {"GOMP_SPINCOUNT": "300000"}
+    env = os.environ | OPENMP_WAITS[openmp]
     return env | {
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -242,6 +246,9 @@ def project_worker(args: argparse.Namespace, settings: dict, backend: str) -> di
     return {
         "engine": config.train.backend,
         "step_seconds": steps["time/step_seconds"].tolist(),
+        # Where this side's step goes (the loop's own timers; TRL has no such split).
+        "rollout_seconds": steps["rollout/seconds"].tolist(),
+        "update_seconds": steps["train/update_seconds"].tolist(),
         "mean_reward": float(steps["rollout/success_rate"].mean()),
         "mean_completion_tokens": float(
             steps["rollout/tokens"].mean() / completions_per_step(settings)
@@ -380,11 +387,20 @@ def summarize(side: dict, warmup: int, steps: int, completions: int) -> dict:
     """Median seconds per step over steps warmup+1 .. steps-1, and completions per second."""
     timed = side["step_seconds"][warmup : steps - 1]
     median = statistics.median(timed)
-    return side | {
-        "median_step_seconds": median,
-        "completions_per_second": completions / median,
-        "steps_timed": [warmup + 1, steps - 1],
+    phases = {
+        f"median_{phase}": statistics.median(side[phase][warmup : steps - 1])
+        for phase in ("rollout_seconds", "update_seconds")
+        if phase in side
     }
+    return (
+        side
+        | phases
+        | {
+            "median_step_seconds": median,
+            "completions_per_second": completions / median,
+            "steps_timed": [warmup + 1, steps - 1],
+        }
+    )
 
 
 def print_table(sides: dict[str, dict], ratios: dict[str, float], steps_timed: list[int]) -> None:
@@ -399,6 +415,12 @@ def print_table(sides: dict[str, dict], ratios: dict[str, float], steps_timed: l
             f"| {side['mean_completion_tokens']:.1f} |"
         )
     print()
+    for name, side in sides.items():
+        if "median_rollout_seconds" in side:
+            print(
+                f"{name}: median rollout {side['median_rollout_seconds']:.2f} s, "
+                f"update {side['median_update_seconds']:.2f} s per step"
+            )
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x")
 
@@ -414,9 +436,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     parser.add_argument(
         "--openmp",
-        choices=["project", "runtime"],
+        choices=sorted(OPENMP_WAITS),
         default="project",
-        help="OpenMP waits for both sides: this project's defaults or libgomp's own",
+        help="OpenMP waits for both sides (OPENMP_WAITS)",
     )
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "start")
