@@ -26,20 +26,15 @@ from tests.browser.conftest import ARTIFACTS
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from mlflow_link import (
-    chart_url,  # noqa: E402
-    experiment_url,  # noqa: E402
-)
-from mlflow_screenshot import (
+from mlflow_link import chart_url, experiment_url  # noqa: E402
+from mlflow_screenshot import (  # noqa: E402
     CLOSE_ASSISTANT_JS,
     SCROLL_TO_TOP_JS,
     show_only_charts,
     stop,
     wait_for_charts,
 )
-from mlflow_screenshot import (  # noqa: E402
-    mlflow_ui as mlflow_ui_server,
-)
+from mlflow_screenshot import mlflow_ui as mlflow_ui_server  # noqa: E402
 
 pytestmark = [pytest.mark.browser]
 
