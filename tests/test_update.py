@@ -19,6 +19,7 @@ from pipeline_lib.update.core import (
     backward_rows,
     build_update_batch,
     mini_batches,
+    response_logprobs,
     signal_rows,
     tis_weights,
     token_logprobs,
@@ -62,13 +63,34 @@ def policy_and_batch():
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(tokenizer, TinyModelParams(num_layers=1, hidden_size=32), seed=0)
     generator = torch.Generator().manual_seed(0)
+    # Three prompts of uneven lengths, shared by rows 0/3/6, 1/4 and 2/5 as GRPO's
+    # groups share theirs; uneven response lengths.
+    prompts = [torch.randint(3, 18, (2 + p,), generator=generator).tolist() for p in range(3)]
     rows = []
-    for row in range(7):  # uneven prompt and response lengths
-        prompt = torch.randint(3, 18, (2 + row % 3,), generator=generator).tolist()
+    for row in range(7):
+        prompt = prompts[row % 3]
         tokens = torch.randint(3, 18, (1 + (row * 5) % 4,), generator=generator).tolist()
         rows.append(completion(prompt, tokens))
     advantages = torch.tensor([1.0, -0.5, 0.0, 2.0, 0.0, -1.5, 0.7])
     return model, build_update_batch(rows, advantages, tokenizer.pad_token_id)
+
+
+def test_response_logprobs_run_each_prompt_once_and_match_the_full_rows(policy_and_batch):
+    """Shared-prompt scoring (prompt once per distinct prompt, responses against its
+    cache) gives the full-row logprobs and gradients at every response target."""
+    model, batch = policy_and_batch
+    rows = torch.tensor([6, 0, 2, 4, 1])  # any order, prompts repeated and not
+    full_model, shared_model = copy.deepcopy(model), copy.deepcopy(model)
+    full = token_logprobs(full_model, batch.input_ids[rows], batch.attention_mask[rows])
+    shared = response_logprobs(shared_model, batch, rows)
+    mask = batch.response_mask[rows]
+    torch.testing.assert_close(shared * mask, full * mask, rtol=1e-5, atol=1e-6)
+    assert torch.all(shared[mask == 0] == 0)  # prompt targets and padding: not scored
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+    (full * weights).sum().backward()
+    (shared * weights).sum().backward()
+    for (name, a), b in zip(full_model.named_parameters(), shared_model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _gradients(model, batch, settings, micro_batch_rows):

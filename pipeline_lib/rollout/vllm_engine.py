@@ -26,6 +26,7 @@ from pipeline_lib.rollout.base import (
     SamplingConfig,
     check_generate_args,
 )
+from pipeline_lib.rollout.vllm_idle import CPU_IDLE_SPIN_S, IDLE_SPIN_ENV
 from pipeline_lib.rollout.weight_sync import WORKER_EXTENSION, serialize_state_dict
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -59,9 +60,10 @@ class VLLMEngine:
     start-up: a run is still reproducible (same calls in the same order), and it
     skips vLLM's per-request generators, which cost some throughput.
 
-    Environment: sets `VLLM_NO_USAGE_STATS=1`, `DO_NOT_TRACK=1` and
-    `VLLM_LOGGING_LEVEL=WARNING` unless already
-    set (vLLM reads them at start-up; nothing is sent anywhere).
+    Environment: sets `VLLM_NO_USAGE_STATS=1`, `DO_NOT_TRACK=1`,
+    `VLLM_LOGGING_LEVEL=WARNING` and, on CPU, `KNAPSACK_RL_VLLM_IDLE_SPIN_S=0.001`
+    (`vllm_idle`: vLLM's processes stop polling a millisecond after a call) unless
+    already set (vLLM reads them at start-up; nothing is sent anywhere).
     """
 
     def __init__(
@@ -100,6 +102,8 @@ class VLLMEngine:
         from vllm import LLM  # imported here: vLLM is heavy and absent on some machines
 
         if not torch.cuda.is_available():
+            # vLLM's processes read it at start-up, through pipeline_lib.rollout.vllm_idle.
+            _set_env_default(IDLE_SPIN_ENV, str(CPU_IDLE_SPIN_S))
             if kv_cache_memory_bytes is None:
                 kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
             if max_num_seqs is None:

@@ -111,6 +111,7 @@ def train_policy(
             if (state.step + 1) % config.checkpoint_every == 0 or last:
                 _save(run, state, updater, checkpointer, record)
             _log(state, record, tracker, started)
+            diagnostics.log_finished(tracker)  # after the step's clock: plots take a second
             bar.update()
             bar.set_postfix(
                 egr=f"{record['rollout/effective_gradient_ratio']:.2f}",
@@ -192,7 +193,7 @@ def _train_step(
         StepSeconds(rollout_seconds, update_seconds, sync_seconds),
     )
     metrics |= spent | accumulate(state.history[-1] if state.history else {}, spent)
-    diagnostics.add(epoch, rollouts.allocation, rollouts.batch, tracker)
+    diagnostics.add(epoch, rollouts.allocation, rollouts.batch)
     if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
         metrics["eval/accuracy"] = evaluate()
     return {"step": step + 1, "epoch": epoch} | metrics

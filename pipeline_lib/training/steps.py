@@ -345,41 +345,57 @@ def step_metrics(
 
 @dataclass
 class EpochDiagnostics:
-    """Per-epoch plots: the allocation histogram and p-calibration (predicted vs realised)."""
+    """Per-epoch plots: the allocation histogram and p-calibration (predicted vs realised).
+
+    `add` only records (it runs inside the timed step); drawing an epoch's plots takes
+    about a second, so the loop calls `log_finished` after the step's clock stopped.
+    """
 
     epoch: int | None = None
     predicted: list[np.ndarray] = field(default_factory=list)
     realised: list[np.ndarray] = field(default_factory=list)
     rollouts: list[np.ndarray] = field(default_factory=list)
+    finished: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    """Epochs recorded in full and not yet logged: (epoch, rollouts, predicted, realised)."""
 
-    def add(self, epoch: int, allocation: StepAllocation, batch: RolloutBatch, tracker: Tracker):
-        """Record a step; a step of a new epoch first logs the finished epoch's plots."""
+    def add(self, epoch: int, allocation: StepAllocation, batch: RolloutBatch) -> None:
+        """Record a step; a step of a new epoch first closes the previous epoch."""
         if self.epoch is not None and epoch != self.epoch:
-            self.flush(tracker)
+            self._finish_epoch()
         self.epoch = epoch
         seen = ~np.isnan(allocation.predicted)
         self.predicted.append(allocation.predicted[seen])
         self.realised.append(batch.successes[seen] / allocation.rollouts[seen])
         self.rollouts.append(allocation.rollouts)
 
+    def log_finished(self, tracker: Tracker) -> None:
+        """Log the plots of every closed epoch."""
+        for epoch, rollouts, predicted, realised in self.finished:
+            tracker.log_figure(
+                allocation_histogram(rollouts, title=f"Rollouts per prompt, epoch {epoch}"),
+                f"plots/allocation/epoch_{epoch:03d}.png",
+            )
+            if predicted.size:
+                tracker.log_figure(
+                    calibration_plot(predicted, realised, title=f"Calibration, epoch {epoch}"),
+                    f"plots/calibration/epoch_{epoch:03d}.png",
+                )
+        self.finished = []
+
     def flush(self, tracker: Tracker) -> None:
-        """Log the current epoch's plots (if it has steps) and start over."""
+        """Close the current epoch (if it has steps) and log every closed one."""
+        self._finish_epoch()
+        self.log_finished(tracker)
+
+    def _finish_epoch(self) -> None:
         if self.epoch is None or not self.rollouts:
             return
-        tracker.log_figure(
-            allocation_histogram(
-                np.concatenate(self.rollouts), title=f"Rollouts per prompt, epoch {self.epoch}"
-            ),
-            f"plots/allocation/epoch_{self.epoch:03d}.png",
-        )
-        seen_predicted = np.concatenate(self.predicted)
-        if seen_predicted.size:
-            tracker.log_figure(
-                calibration_plot(
-                    seen_predicted,
-                    np.concatenate(self.realised),
-                    title=f"Calibration, epoch {self.epoch}",
-                ),
-                f"plots/calibration/epoch_{self.epoch:03d}.png",
+        self.finished.append(
+            (
+                self.epoch,
+                np.concatenate(self.rollouts),
+                np.concatenate(self.predicted),
+                np.concatenate(self.realised),
             )
+        )
         self.predicted, self.realised, self.rollouts = [], [], []

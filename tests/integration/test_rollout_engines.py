@@ -219,3 +219,33 @@ def test_vllm_cpu_seeded_batch_of_long_prompts_keeps_the_engine_alive(session_vl
         prompts, [1] * len(prompts), SamplingConfig(max_new_tokens=4, seed=3)
     )
     assert [len(group) for group in groups] == [1] * 100
+
+
+def test_vllm_cpu_processes_go_idle_right_after_a_generate(
+    session_vllm_engine, rollout_tokenizer: transformers.PreTrainedTokenizerBase
+) -> None:
+    """vLLM's processes stop polling within milliseconds of a generate, not after their
+    1 s ring-buffer spin (pipeline_lib.rollout.vllm_idle): the update that follows a
+    rollout gets the CPU. Spinning, they burn about a CPU-second each in that second."""
+    import time
+
+    import psutil
+
+    from pipeline_lib.rollout.vllm_engine import _engine_process_ids
+
+    pids = _engine_process_ids(session_vllm_engine._require_open().llm_engine.engine_core)
+    assert pids, "no vLLM engine process found"
+
+    def cpu_seconds() -> float:
+        return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+    session_vllm_engine.generate(
+        encode_prompts(rollout_tokenizer),
+        [4, 4, 4, 4],
+        SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, seed=3),
+    )
+    time.sleep(0.05)
+    before = cpu_seconds()
+    time.sleep(1.0)
+    used = cpu_seconds() - before
+    assert used < 0.3, f"vLLM's processes used {used:.2f} CPU-s in the second after a generate"
