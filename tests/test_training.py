@@ -80,7 +80,7 @@ def setup():
     return tokenizer, prompt_set(train), prompt_set(heldout), fresh_model, config
 
 
-def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", **params):
+def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", tracker=None, **params):
     """The train task's wiring: restore, open the updater on the restored model, train.
 
     `params` override the fixture's TrainConfig fields (validated, like params.yaml)."""
@@ -94,9 +94,38 @@ def run(setup, tmp_path, engine_wrapper=lambda e: e, strategy="knapsack", **para
     training = TrainingRun(model, tokenizer, train_set, heldout_set, config, strategy, seed=0)
     with contextlib.closing(open_updater(model, config)) as updater:
         result = train_policy(
-            training, state, engine, updater, NullTracker(), checkpointer, progress=False
+            training, state, engine, updater, tracker or NullTracker(), checkpointer, progress=False
         )
     return result, model, engine
+
+
+class CallRecorder(NullTracker):
+    """Records the order of metric logs (by step) and figure logs (by artifact name)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("metrics", step))
+
+    def log_figure(self, figure, artifact_file):
+        self.calls.append(("figure", artifact_file))
+
+
+def test_epoch_plots_are_drawn_after_the_step_that_closes_the_epoch_is_timed(setup, tmp_path):
+    """32 prompts, 8 a step: step 5 opens epoch 1, so epoch 0's plot follows step 5's
+    metrics (its `time/step_seconds` is already taken), and the run's end logs epoch 1's
+    (with its calibration: epoch 0 had no prediction to calibrate)."""
+    recorder = CallRecorder()
+    run(setup, tmp_path, tracker=recorder, steps=6)
+    calls = recorder.calls
+    epoch_0 = calls.index(("figure", "plots/allocation/epoch_000.png"))
+    assert calls[epoch_0 - 1] == ("metrics", 5)
+    assert calls[epoch_0 + 1 :] == [
+        ("metrics", 6),
+        ("figure", "plots/allocation/epoch_001.png"),
+        ("figure", "plots/calibration/epoch_001.png"),
+    ]
 
 
 def saved_step(state_dir):
