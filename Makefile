@@ -55,15 +55,15 @@ lock:
 # `make run` rewrites the tracked results (metrics/, dvc.lock); `git diff` shows what changed.
 # Then the final dvc.lock goes into the pipeline's MLflow runs (DVC writes it after each stage).
 run: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/with_prefect_server.py -- dvc repro
-	$(BIN)/python scripts/record_final_lock.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- dvc repro
+	$(BIN)/python -m ops.record_final_lock
 
 # Allocation strategies compared: params.yaml's `compare` arms x seeds (comparison/dvc.yaml,
 # outside `make run`'s targets), then the README's table regenerated from metrics/compare.json.
 # Finished arm x seed runs are reused; commits nothing (`git diff` shows what changed).
 compare: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/with_prefect_server.py -- dvc repro comparison/dvc.yaml
-	$(BIN)/python scripts/compare_table.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- dvc repro comparison/dvc.yaml
+	$(BIN)/python -m ops.compare_table
 
 # pytest exits 5 when it collects no tests: that is a broken suite, not a pass.
 test: $(STAMP)
@@ -75,7 +75,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not integration"
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_allocation.py
+	$(BIN)/python -m bench.allocation
 
 # Kill, starve and cut off the pipeline on loopback (issue 11.4): bounded counts, every
 # process stopped by PID; the last line is `fault trials: N passed, M failed`. Root is
@@ -88,11 +88,11 @@ fault-trials: $(STAMP)
 # against the committed reference (RESULTS_REV, default HEAD).
 RESULTS_REV ?= HEAD
 results: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results.py --rev $(RESULTS_REV)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.results --rev $(RESULTS_REV)
 
 # dvc_plots/index.html with Vega inlined: renders offline (`dvc plots show`'s page needs a CDN).
 plots: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/plots_offline.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.plots_offline
 
 # One worker: MLflow's default of 4 takes over a minute to start on a 2-core laptop and a
 # single user needs no more. The link opens the experiment on its training runs, not
@@ -100,7 +100,7 @@ plots: $(STAMP)
 MLFLOW_PORT ?= 5000
 MLFLOW_WORKERS ?= 1
 mlflow-ui: $(STAMP)
-	@echo "MLflow UI: $$($(BIN)/python scripts/mlflow_link.py http://127.0.0.1:$(MLFLOW_PORT))"
+	@echo "MLflow UI: $$($(BIN)/python -m ops.mlflow_link http://127.0.0.1:$(MLFLOW_PORT))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 \
 		--port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
 
@@ -160,7 +160,7 @@ DOCKER_CACHE ?= /var/cache/knapsack-rl-docker
 
 # The local base image (debootstrap bookworm), made once and kept in the daemon's data root.
 docker-base: $(STAMP)
-	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_engine.py base
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python -m ops.docker_engine base
 
 # Build the CPU image from local sources, start Prefect, MLflow and SeaweedFS S3 on the host
 # and a Prefect Docker worker, run one tiny pipeline deployment in a container of the image;
@@ -207,7 +207,7 @@ deploy: $(STAMP)
 S3_URL ?= s3://knapsack-rl/dvc
 # DVC remote on S3 or an S3-compatible store (S3_ENDPOINT_URL); credentials stay in the environment.
 s3-remote: $(STAMP)
-	$(BIN)/python scripts/setup_s3_remote.py $(S3_URL) --create-bucket $(if $(S3_ENDPOINT_URL),--endpoint-url $(S3_ENDPOINT_URL))
+	$(BIN)/python -m ops.setup_s3_remote $(S3_URL) --create-bucket $(if $(S3_ENDPOINT_URL),--endpoint-url $(S3_ENDPOINT_URL))
 
 # push / pull through pipeline_lib.dvc_remote: a store that stops answering ends the transfer
 # within 15 s with an error naming the remote and endpoint, instead of DVC's per-file retries.

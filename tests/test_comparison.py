@@ -24,8 +24,7 @@ from pipeline_lib.comparison import (
 from pipeline_lib.config import ConfigError, parse_config
 from tests.conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import compare_table  # noqa: E402
+from ops import compare_table
 
 INPUTS = RunInputs("models/start", "s1", "train.parquet", "heldout.parquet", "d1", "c1")
 
@@ -186,7 +185,7 @@ def test_the_readme_table_is_rewritten_between_the_markers_only():
 
 
 def test_readme_comparison_block_is_generated_from_the_committed_compare_json():
-    """The README's table equals what scripts/compare_table.py makes of metrics/compare.json
+    """The README's table equals what ops/compare_table.py makes of metrics/compare.json
     (or the placeholder while no comparison is committed): it is never typed by hand."""
     readme = (REPO_ROOT / "README.md").read_text()
     block = compare_table.table_block(REPO_ROOT / "metrics" / "compare.json")

@@ -31,9 +31,8 @@ from tasks.tracking import (
 )
 from tests.conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from mlflow_link import experiment_url  # noqa: E402
-from plots_offline import html_template  # noqa: E402
+from ops.mlflow_link import experiment_url
+from ops.plots_offline import html_template
 
 SUMMARY = {
     "start_accuracy": 0.39,

@@ -59,14 +59,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> 
 
 
 def repro_compare(root: Path, env: dict[str, str]) -> str:
-    command = ["scripts/with_prefect_server.py", "--", "dvc", "repro", "comparison/dvc.yaml"]
+    command = ["-m", "ops.with_prefect_server", "--", "dvc", "repro", "comparison/dvc.yaml"]
     return run([sys.executable, *command], root, env)
 
 
 @pytest.fixture(scope="module", params=["vllm", "hf"])
 def project(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp(f"compare-{request.param}")
-    for folder in ("flows", "tasks", "pipeline_lib", "scripts", "comparison"):
+    for folder in ("flows", "tasks", "pipeline_lib", "ops", "comparison"):
         shutil.copytree(
             REPO_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__")
         )

@@ -49,7 +49,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) -> 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("project")
-    for folder in ("flows", "tasks", "pipeline_lib", "scripts"):
+    for folder in ("flows", "tasks", "pipeline_lib", "ops"):
         shutil.copytree(
             REPO_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -72,7 +72,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 @pytest.fixture(scope="module")
 def first_repro(project) -> str:
     root, env = project
-    return run([sys.executable, "scripts/with_prefect_server.py", "--", "dvc", "repro"], root, env)
+    return run([sys.executable, "-m", "ops.with_prefect_server", "--", "dvc", "repro"], root, env)
 
 
 def test_repro_writes_summary_with_both_strategies(project, first_repro):

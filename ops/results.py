@@ -1,7 +1,7 @@
 """`make results`: the pipeline's answer in the terminal, from the committed metrics files.
 
-    python scripts/results.py              # against the committed reference (HEAD)
-    python scripts/results.py --rev main   # against another git revision
+    python -m ops.results              # against the committed reference (HEAD)
+    python -m ops.results --rev main   # against another git revision
 
 Prints three things:
 1. the headline table (metrics/summary.json): accuracy with 95 % interval per policy,
@@ -24,9 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_lib.results import headline_columns, headline_rows, text_table  # noqa: E402
+from pipeline_lib.results import headline_columns, headline_rows, text_table
 
 SUMMARY = Path("metrics/summary.json")
 TIMING = Path("metrics/timing.json")

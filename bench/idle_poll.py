@@ -1,6 +1,6 @@
 """Does the vLLM-CPU engine take a core from the update that follows a rollout?
 
-    .venv/bin/python scripts/bench_idle_poll.py [--wait passive|active|unset] [--repeats 5]
+    .venv/bin/python -m bench.idle_poll [--wait passive|active|unset] [--repeats 5]
 
 Starts the real `VLLMEngine` on the start policy (`models/start`), then, `--repeats`
 times: generate 64 prompts x 8 rollouts (the default step's batch), and right after the
@@ -76,7 +76,6 @@ def update_step(model, optimizer, batch) -> float:
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(REPO))
     import pipeline_lib  # noqa: F401  (sets its OMP_WAIT_POLICY default)
 
     set_wait_policy(args.wait)

@@ -1,7 +1,7 @@
 """A private Docker engine for builds and smoke runs on a machine without one.
 
-    python scripts/docker_engine.py base     # start dockerd, make the local base image, stop
-    python scripts/docker_engine.py shell    # start dockerd, print DOCKER_HOST, wait for Ctrl-C
+    python -m ops.docker_engine base     # start dockerd, make the local base image, stop
+    python -m ops.docker_engine shell    # start dockerd, print DOCKER_HOST, wait for Ctrl-C
 
 `running_dockerd()` starts Debian's `dockerd` (package docker.io, installed with apt when
 missing, with debootstrap) as root on its own socket, with its data root in a stable cache

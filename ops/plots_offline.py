@@ -1,7 +1,7 @@
 """`dvc plots show` (or `dvc plots diff REV ...`) as one HTML page that renders offline.
 
-    python scripts/plots_offline.py                 # dvc_plots/index.html, the workspace
-    python scripts/plots_offline.py HEAD~1 HEAD     # dvc plots diff of two revisions
+    python -m ops.plots_offline                 # dvc_plots/index.html, the workspace
+    python -m ops.plots_offline HEAD~1 HEAD     # dvc plots diff of two revisions
 
 DVC's own page loads Vega, Vega-Lite and Vega-Embed from a CDN, so without a network
 it stays blank. This passes DVC an HTML template (`--html-template`) that inlines the

@@ -1,6 +1,6 @@
 """Seconds per GRPO step: this project's training loop against TRL's GRPOTrainer.
 
-    .venv/bin/python scripts/bench_trl.py [--steps 40] [--warmup 5] [--backends auto,vllm]
+    .venv/bin/python -m bench.trl [--steps 40] [--warmup 5] [--backends auto,vllm]
         [--strategy uniform] [--out metrics/bench_trl.json]
 
 Both sides train the start policy `models/start` on the prompts of

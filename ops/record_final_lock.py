@@ -1,6 +1,6 @@
 """After `dvc repro`: log the dvc.lock DVC wrote at the end into the pipeline's MLflow runs.
 
-    python scripts/record_final_lock.py [--params params.yaml]
+    python -m ops.record_final_lock [--params params.yaml]
 
 DVC writes a stage's dvc.lock entry after the stage's process has ended, so a stage
 cannot log the lock that pins its own outputs. This gives the parent run (artifact
@@ -15,10 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_lib.config import load_config  # noqa: E402
-from tasks.tracking import record_final_lock  # noqa: E402
+from pipeline_lib.config import load_config
+from tasks.tracking import record_final_lock
 
 
 def main() -> None:

@@ -19,9 +19,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_lib.config import load_config  # noqa: E402
+from pipeline_lib.config import load_config
 
 
 def experiment_url(base: str, store: Path, experiment: str) -> str:

@@ -1,6 +1,6 @@
 """Run a command against a local Prefect server started for it, then stop the server.
 
-    python scripts/with_prefect_server.py -- dvc repro
+    python -m ops.with_prefect_server -- dvc repro
 
 Every DVC stage is a separate process; without a server each would start Prefect's
 temporary one (15-40 s apiece). This starts one on 127.0.0.1 (a free port, state in
@@ -28,8 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # This checkout's library, not whatever copy the environment has installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_lib.processes import Supervisor  # noqa: E402
+from pipeline_lib.processes import Supervisor
 
 
 def free_port() -> int:

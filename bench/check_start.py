@@ -1,6 +1,6 @@
 """Is the embedded default's start robust? Warm-ups from several starts, GRPO from each.
 
-    .venv/bin/python scripts/with_prefect_server.py -- .venv/bin/python scripts/check_start.py \
+    .venv/bin/python -m ops.with_prefect_server -- .venv/bin/python -m bench.check_start \
         [--variants A,B,C,D,E,F] [--out metrics/start_check.jsonl] [--set key=value ...]
 
 Each variant runs the real stages (prepare, bootstrap, train, evaluate: the flows, with

@@ -1,6 +1,6 @@
 """Measure the supervised warm-up of the tiny policy: held-out accuracy per level.
 
-    python scripts/measure_sft.py [--steps 660] [--seed 0] [--save DIR]
+    python -m bench.measure_sft [--steps 660] [--seed 0] [--save DIR]
 
 Prints greedy and sampled (temperature 1) held-out accuracy by level, overall,
 and wall time. A benchmark script, not a test: it takes a few minutes on 2 cores.

@@ -1,6 +1,6 @@
 """Benchmark the knapsack allocator, and compare the exact and official rules.
 
-Usage: .venv/bin/python scripts/bench_allocation.py [--steps 200] [--seed 0]
+Usage: .venv/bin/python -m bench.allocation [--steps 200] [--seed 0]
 Prints wall time (best of several runs) and peak traced memory for:
   - the paper's scale: 256 prompts, budget 2048, N in [2, 128], vs an O(M * B * K) numpy DP;
   - 100,000 prompts, budget 8 per prompt, N in [2, 256];

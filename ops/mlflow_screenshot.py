@@ -1,10 +1,10 @@
 """A screenshot of the MLflow UI's charts of a comparison (`make compare`), drawn by
 headless Chromium from a local MLflow store.
 
-    python scripts/mlflow_screenshot.py                     # mlflow.db -> docs/images/...
-    python scripts/mlflow_screenshot.py --store /tmp/mlflow.db -o /tmp/charts.png
-    python scripts/mlflow_screenshot.py --metrics eval/accuracy train/loss
-    python scripts/mlflow_screenshot.py --metrics           # every metric's chart
+    python -m ops.mlflow_screenshot                     # mlflow.db -> docs/images/...
+    python -m ops.mlflow_screenshot --store /tmp/mlflow.db -o /tmp/charts.png
+    python -m ops.mlflow_screenshot --metrics eval/accuracy train/loss
+    python -m ops.mlflow_screenshot --metrics           # every metric's chart
 
 Starts `mlflow ui` on a free loopback port (1 worker), opens the experiment's runs page
 in chart mode (`compareRunsMode=CHART`) with the runs search filtered to the children of
@@ -35,12 +35,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
-from mlflow_link import chart_url, newest_comparison  # noqa: E402
+from ops.mlflow_link import chart_url, newest_comparison
 
-from pipeline_lib.config import load_config  # noqa: E402
-from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary  # noqa: E402
+from pipeline_lib.config import load_config
+from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary
 
 # Wide enough for readable charts, tall enough for three chart sections (one chart each).
 WINDOW_SIZE = (1600, 1700)

@@ -1,7 +1,7 @@
 """CPU seconds and wall seconds per SFT step of the embedded default, by thread count and
 OpenMP wait policy.
 
-    .venv/bin/python scripts/bench_sft.py [--steps 40] [--threads 2] [--wait active|passive]
+    .venv/bin/python -m bench.sft [--steps 40] [--threads 2] [--wait active|passive]
         [--spin N] [--hogs K]
 
 Builds the tiny policy and the SFT pool as the bootstrap stage does (params.yaml, seed 0)

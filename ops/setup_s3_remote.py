@@ -1,6 +1,6 @@
 """Point this repository's DVC remote at S3 or an S3-compatible store; make the bucket.
 
-    python scripts/setup_s3_remote.py s3://my-bucket/knapsack-rl \
+    python -m ops.setup_s3_remote s3://my-bucket/knapsack-rl \
         --endpoint-url http://127.0.0.1:8333 --create-bucket
 
 Writes the remote (URL, and the endpoint and region when given) to `.dvc/config`, which
@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline_lib.dvc_remote import (  # noqa: E402 - after the path set-up above
+from pipeline_lib.dvc_remote import (
     DEFAULT_REMOTE,
     S3Remote,
     StorageError,
