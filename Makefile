@@ -209,10 +209,10 @@ S3_URL ?= s3://knapsack-rl/dvc
 s3-remote: $(STAMP)
 	$(BIN)/python -m ops.setup_s3_remote $(S3_URL) --create-bucket $(if $(S3_ENDPOINT_URL),--endpoint-url $(S3_ENDPOINT_URL))
 
-# push / pull through pipeline_lib.dvc_remote: a store that stops answering ends the transfer
+# push / pull through pipeline_lib.adapters.dvc_remote: a store that stops answering ends the transfer
 # within 15 s with an error naming the remote and endpoint, instead of DVC's per-file retries.
 push: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.dvc_remote import push; print(push('.').summary)"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.adapters.dvc_remote import push; print(push('.').summary)"
 
 pull: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.dvc_remote import pull; print(pull('.').summary)"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -c "from pipeline_lib.adapters.dvc_remote import pull; print(pull('.').summary)"

@@ -198,8 +198,8 @@ def project_worker(args: argparse.Namespace, settings: dict, backend: str) -> di
     import torch
     import transformers
 
-    from flows.train import heldout_table
     from pipeline_lib.config import load_config
+    from pipeline_lib.data.layout import heldout_table
     from pipeline_lib.tracking import NullTracker
     from pipeline_lib.training import NullCheckpointer
     from tasks.engines import open_engine

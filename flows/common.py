@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pipeline_lib.adapters.redaction import install_log_redaction
 from pipeline_lib.config import ConfigError, PipelineConfig, describe_section, load_config
-from pipeline_lib.redaction import install_log_redaction
 
 
 def load_stage_config(params_path: str, overrides: dict[str, Any] | None) -> PipelineConfig:

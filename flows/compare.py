@@ -1,7 +1,7 @@
 """Stage `compare`: allocation strategies (arms) x seeds at their own budgets, paired by seed.
 
 `compare` trains every arm x seed run that has no finished record yet, then writes
-metrics/compare.json (pipeline_lib/compare_stats.py), the plots and the curves.
+metrics/compare.json (pipeline_lib/comparison/stats.py), the plots and the curves.
 Locally (`compare.deployment: null`) the runs train one after another in this
 process with one rollout engine, or, where the cores hold several runs
 (`compare.parallel_runs`), as tasks of Prefect's ProcessPoolTaskRunner, each process
@@ -14,31 +14,28 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.common import load_stage_config, run_flow_cli
-from flows.train import heldout_table
-from pipeline_lib.comparison import RunInputs
+from pipeline_lib.adapters.mlflow_runs import comparison_run
+from pipeline_lib.comparison.runs import RunInputs, Stopwatch, overhead
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.data.layout import TRAIN_FILE, heldout_table
 from tasks.compare import (
     cached_record,
-    comparison_run,
+    deployed_run,
     log_reused_run,
     run_inputs,
     save_record,
     train_arm_seed,
+    train_with_own_engine,
     write_comparison,
 )
 from tasks.engines import open_engine
-from tasks.prepare import TRAIN_FILE
 
 METRICS_PATH = Path("metrics/compare.json")
 PLOTS_DIR = Path("metrics/compare")
@@ -48,22 +45,6 @@ def shared_inputs(config: PipelineConfig) -> RunInputs:
     """The start policy, data and code every run of this comparison starts from."""
     prepared = Path(config.prepare.output_dir)
     return run_inputs(config, prepared / TRAIN_FILE, heldout_table(prepared))
-
-
-class Stopwatch:
-    """Wall seconds per named phase of the flow (to report its overhead)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 @flow(name="compare", log_prints=True)
@@ -143,37 +124,6 @@ def train_locally(
     return records
 
 
-@task(cache_policy=NO_CACHE, task_run_name="process-{arm}-seed{seed}")
-def train_with_own_engine(
-    config: PipelineConfig, arm: str, seed: int, inputs: RunInputs, parent_id: str
-) -> dict:
-    """One arm x seed in a worker process of the task runner, with an engine of its own
-    (opened as the shared one is: same checkpoint, same engine seed)."""
-    train = config.train
-    with open_engine(
-        train.backend, inputs.start_policy, config.seed, train.vllm_engine_kwargs
-    ) as engine:
-        return train_arm_seed.fn(config, arm, seed, inputs, engine, parent_id)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="deployment-{arm}-seed{seed}")
-def deployed_run(
-    deployment: str, arm: str, seed: int, parameters: dict[str, Any], parent_id: str
-) -> dict:
-    """One arm x seed as a flow run of `deployment`; its record is the run's result."""
-    from prefect.deployments import run_deployment
-
-    flow_run = run_deployment(
-        deployment,
-        parameters=parameters | {"arm": arm, "seed": seed, "parent_run_id": parent_id},
-        flow_run_name=f"compare-{arm}-seed{seed}",
-        timeout=None,
-    )
-    if flow_run.state is None or not flow_run.state.is_completed():
-        raise RuntimeError(f"flow run {flow_run.name} of {deployment} ended {flow_run.state}")
-    return flow_run.state.result()
-
-
 def train_deployed(
     config: PipelineConfig,
     pairs: list[tuple[str, int]],
@@ -193,23 +143,6 @@ def train_deployed(
     for record in records:
         save_record(config, record, inputs)
     return records
-
-
-def overhead(clock: Stopwatch, trained: list[dict]) -> dict[str, float]:
-    """The flow's time outside its training runs (`train_seconds` of each trained run),
-    absolute and as a share of the flow's wall time, and the phases it went to."""
-    total = time.perf_counter() - clock.started
-    # One after another, the runs' own seconds add up to less than the "runs" phase;
-    # in parallel, the phase's wall time is the smaller: training took the lesser.
-    training = min(
-        sum(record["train_seconds"] for record in trained), clock.seconds.get("runs", 0.0)
-    )
-    return {
-        "total_seconds": total,
-        "training_seconds": training,
-        "overhead_seconds": total - training,
-        "overhead_share": (total - training) / total if total else 0.0,
-    } | {f"{name}_seconds": seconds for name, seconds in clock.seconds.items()}
 
 
 @flow(name="compare-run", log_prints=True, persist_result=True)

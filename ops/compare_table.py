@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline_lib.compare_stats import compare_markdown_table
+from pipeline_lib.comparison.stats import compare_markdown_table
 
 START, END = "<!-- compare-table:start -->", "<!-- compare-table:end -->"
 NO_RESULTS = "*No comparison at this commit yet: `make compare` writes metrics/compare.json.*"

@@ -19,7 +19,6 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-
 from pipeline_lib.config import load_config
 
 
@@ -36,8 +35,9 @@ def experiment_url(base: str, store: Path, experiment: str) -> str:
 
 
 def newest_comparison(store: Path, experiment: str) -> str | None:
-    """The run id of the newest comparison's parent run (`tasks.compare.comparison_run`:
-    tagged stage `compare`, no parent of its own), read from the sqlite store."""
+    """The run id of the newest comparison's parent run (tagged stage `compare`, no parent
+    of its own: `pipeline_lib.adapters.mlflow_runs.comparison_run`), read from the sqlite
+    store."""
     query = """
         SELECT runs.run_uuid FROM runs
         JOIN experiments ON experiments.experiment_id = runs.experiment_id

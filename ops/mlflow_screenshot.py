@@ -37,7 +37,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from ops.mlflow_link import chart_url, newest_comparison
-
 from pipeline_lib.config import load_config
 from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary
 

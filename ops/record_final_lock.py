@@ -12,12 +12,9 @@ commit (nothing ran): it says so and does nothing.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-
+from pipeline_lib.adapters.mlflow_runs import record_final_lock
 from pipeline_lib.config import load_config
-from tasks.tracking import record_final_lock
 
 
 def main() -> None:

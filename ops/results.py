@@ -21,11 +21,9 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-
-from pipeline_lib.results import headline_columns, headline_rows, text_table
+from pipeline_lib.evaluation.headline import headline_columns, headline_rows, text_table
 
 SUMMARY = Path("metrics/summary.json")
 TIMING = Path("metrics/timing.json")

@@ -20,15 +20,15 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from pipeline_lib.dvc_remote import (
+from pipeline_lib.adapters.dvc_remote import (
     DEFAULT_REMOTE,
     S3Remote,
     StorageError,
     configure_dvc_remote,
     ensure_bucket,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:

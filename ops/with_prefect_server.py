@@ -7,7 +7,7 @@ temporary one (15-40 s apiece). This starts one on 127.0.0.1 (a free port, state
 PREFECT_HOME, so the flow runs stay browsable with `prefect server start`), points
 PREFECT_API_URL at it for the command, and stops it afterwards.
 
-Clean shutdown: a `pipeline_lib.processes.Supervisor` marks every process started
+Clean shutdown: a `pipeline_lib.adapters.processes.Supervisor` marks every process started
 below this one (the server in its own session, `dvc`, the stages, vLLM's engine
 core) and stops all of them on normal or failed exit, on Ctrl-C (SIGINT to the
 foreground process group), on SIGTERM or SIGHUP, and through a watchdog process
@@ -25,10 +25,9 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
 # This checkout's library, not whatever copy the environment has installed.
-from pipeline_lib.processes import Supervisor
+from pipeline_lib.adapters.processes import Supervisor
 
 
 def free_port() -> int:

@@ -147,7 +147,8 @@ class BootstrapConfig(Section):
     output_dir: str = Field("models/start", description="Checkpoint directory of the policy.")
 
 
-# The allocation strategies of `pipeline_lib/strategies.py` (a test keeps the two in step):
+# The allocation strategies of `pipeline_lib/allocation/strategies.py` (a test keeps the two
+# in step):
 # the four compared by default, then ablations that run only when named.
 StrategyName = Literal[
     "knapsack",
@@ -166,7 +167,8 @@ class TrainConfig(Section):
     strategies: tuple[StrategyName, ...] = Field(
         ("knapsack", "uniform"),
         min_length=1,
-        description="Allocation strategies to train (pipeline_lib/strategies.py): knapsack, "
+        description="Allocation strategies to train (pipeline_lib/allocation/strategies.py): "
+        "knapsack, "
         "uniform (same budget), uniform-2x (twice the budget), dynamic-sampling (DAPO: refill "
         "until prompts_per_step groups have mixed rewards); ablations: knapsack-no-fallback, "
         "knapsack-gradient-only (value = P(non-zero gradient)), knapsack-official (the "
@@ -197,7 +199,7 @@ class TrainConfig(Section):
     allocation_rules: Literal["exact", "official"] = Field(
         "exact",
         description="'exact': the optimum of the paper's objective; 'official': the rules of "
-        "the paper's code (see pipeline_lib/allocation.py for every difference).",
+        "the paper's code (see pipeline_lib/allocation for every difference).",
     )
     rollout_value: Literal["info_gain", "gradient"] = Field(
         "info_gain",
@@ -349,7 +351,7 @@ class CompareConfig(Section):
     arms: tuple[StrategyName, ...] = Field(
         ("knapsack", "uniform", "uniform-2x", "dynamic-sampling"),
         min_length=1,
-        description="Strategies compared (pipeline_lib/strategies.py); the budget "
+        description="Strategies compared (pipeline_lib/allocation/strategies.py); the budget "
         "multiplier is the strategy's own (uniform-2x: 2x the rollouts of the others).",
     )
     seeds: tuple[int, ...] = Field(

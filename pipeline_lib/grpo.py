@@ -22,6 +22,8 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 
 # verl clamps the log-ratio before exp so one wild token cannot overflow the ratio.
 _LOG_RATIO_BOUND = 20.0
+# verl caps the per-token k3 KL value at +-10 (`kl_penalty_forward`, "low_var_kl").
+_K3_BOUND = 10.0
 
 
 def group_ids_from_sizes(group_sizes: Tensor) -> Tensor:
@@ -145,6 +147,29 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def aggregation_count(loss_mask: Tensor, mode: LossAggregation) -> Tensor:
+    """What ``aggregate_loss`` divides by in ``mode`` over these rows: a scalar tensor.
+
+    Valid tokens (``token-mean``); sequences with at least one valid token
+    (``seq-mean-token-mean``: an empty response counts in neither); 1 for
+    ``seq-mean-token-sum-norm``, whose divisor is a constant. Parts of a batch whose
+    losses are weighted by ``count(part) / max(count(batch), 1)`` add up to the whole
+    batch's loss and gradient exactly, given one ``seq_sum_norm`` for all parts (the
+    micro-batch weights of ``update.core``).
+
+    Args:
+        loss_mask: Tensor[B, T], floating 0/1, 1 for response tokens.
+        mode: an aggregation mode, as in ``aggregate_loss``.
+    """
+    if mode == "token-mean":
+        return loss_mask.sum()
+    if mode == "seq-mean-token-mean":
+        return (loss_mask.sum(dim=-1) > 0).to(loss_mask.dtype).sum()
+    if mode == "seq-mean-token-sum-norm":
+        return loss_mask.new_ones(())
+    raise ValueError(f"unknown loss aggregation mode: {mode!r}")
+
+
 def aggregate_loss(
     loss_mat: Tensor,
     loss_mask: Tensor,
@@ -161,6 +186,9 @@ def aggregate_loss(
       divided by the constant ``seq_sum_norm`` (default ``T``, the padded response
       length), so no length-dependent weighting (Dr. GRPO).
 
+    The two means divide by ``aggregation_count``, clamped to at least 1 (no valid
+    token gives 0).
+
     Args:
         loss_mat: Tensor[B, T], per-token loss.
         loss_mask: Tensor[B, T], 1 for response tokens, 0 for padding.
@@ -171,33 +199,39 @@ def aggregate_loss(
         A scalar tensor.
     """
     mask = loss_mask.to(loss_mat.dtype)
+    count = aggregation_count(mask, mode).clamp(min=1.0)
     if mode == "token-mean":
-        return masked_mean(loss_mat, mask)
+        return (loss_mat * mask).sum() / count
     token_sums = (loss_mat * mask).sum(dim=-1)
     if mode == "seq-mean-token-mean":
-        token_counts = mask.sum(dim=-1)
-        seq_means = token_sums / token_counts.clamp(min=1.0)
-        return masked_mean(seq_means, (token_counts > 0).to(loss_mat.dtype))
-    if mode == "seq-mean-token-sum-norm":
-        norm = float(loss_mat.shape[-1]) if seq_sum_norm is None else seq_sum_norm
-        return token_sums.sum() / norm
-    raise ValueError(f"unknown loss aggregation mode: {mode!r}")
+        return (token_sums / mask.sum(dim=-1).clamp(min=1.0)).sum() / count
+    norm = float(loss_mat.shape[-1]) if seq_sum_norm is None else seq_sum_norm
+    return token_sums.sum() / norm
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k3 estimate of KL(policy || ref): ``exp(d) - d - 1``, ``d = ref - logp``.
+    """Per-token k3 estimate of KL(policy || ref), ``exp(d) - d - 1`` with ``d = ref - logp``,
+    clamped exactly as verl's ``kl_penalty_forward(..., "low_var_kl")`` (alias "k3"; not
+    the straight-through "k3+") in ``verl/trainer/ppo/core_algos.py``.
 
-    Non-negative, unbiased for sequences sampled from the policy (Schulman 2020).
-    The log-ratio is clamped to +-20 as verl does, to keep ``exp`` finite.
+    k3 is non-negative and unbiased for tokens sampled from the policy (Schulman 2020).
+    Both of verl's clamps, with ``torch.clamp`` as verl has them:
+
+    - ``d`` to [-20, 20] first, so ``exp`` stays finite; without it a float32
+      ``exp(d > 88)`` is inf and the capped token's gradient ``0 * inf`` is NaN.
+    - the k3 value to [-10, 10] (in effect ``<= 10``: k3 >= 0). Beyond the cap (``d``
+      above about 2.61 or below about -11) the value is 10 and the gradient 0, so one
+      token far from the reference cannot dominate the KL term or its gradient. The
+      cap is reached before the log-ratio clamp, which only keeps ``exp`` finite.
 
     Args:
         logprobs, ref_logprobs: Tensor[B, T].
 
     Returns:
-        Tensor[B, T].
+        Tensor[B, T], in [0, 10].
     """
-    log_ratio = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    log_ratio = torch.clamp(ref_logprobs - logprobs, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1.0, -_K3_BOUND, _K3_BOUND)
 
 
 def policy_loss(

@@ -31,16 +31,12 @@ Two estimators, each kept up to date incrementally:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
-
-from pipeline_lib.atomic import atomic_file
 
 EstimateMethod = Literal["paper", "beta"]
 
@@ -114,31 +110,6 @@ def empty_status() -> pd.DataFrame:
     """A valid status table with no prompts."""
     dtypes = {name: col.dtype.type for name, col in STATUS_SCHEMA.columns.items()}
     table = pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
-    return STATUS_SCHEMA.validate(table)
-
-
-def save_status(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Validate ``table`` and write it to parquet at ``path`` atomically.
-
-    Validation comes first and the write goes through ``atomic_file``: a crash or a
-    validation error never leaves a partial or invalid file, and an existing file
-    stays as it was.
-    """
-    STATUS_SCHEMA.validate(table)
-    with atomic_file(path) as tmp:
-        table.to_parquet(tmp, index=False)
-    return Path(path)
-
-
-def load_status(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a status table written by ``save_status`` and validate it."""
-    table = pd.read_parquet(path)
-    # Parquet lists come back as numpy arrays; the schema wants plain lists of ints.
-    for column in ("window_rollouts", "window_successes"):
-        table[column] = pd.Series(
-            [[int(v) for v in values] for values in table[column]], index=table.index, dtype=object
-        )
-    table["prompt_id"] = table["prompt_id"].astype("str")
     return STATUS_SCHEMA.validate(table)
 
 

@@ -11,7 +11,7 @@ work pool, a process worker, `prefect deploy --name local`, and
 minutes on 2 CPU cores. Prints the final state and exits 0 only when it is Completed.
 
 Everything it started is stopped, the worker before the server, also on an error, on
-Ctrl-C and on SIGTERM or SIGHUP to its process group: a `pipeline_lib.processes.Supervisor`
+Ctrl-C and on SIGTERM or SIGHUP to its process group: a `pipeline_lib.adapters.processes.Supervisor`
 marks every process below this one (server, worker, flow run, `dvc exp run`, the stage's
 python) and stops them all by PID, whatever session they started; a watchdog process
 does the same if this script is killed with SIGKILL.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from with_prefect_server import prefect_server, stop  # noqa: E402
 
-from pipeline_lib.processes import Supervisor  # noqa: E402
+from pipeline_lib.adapters.processes import Supervisor  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = ("flows", "tasks", "pipeline_lib", "scripts")

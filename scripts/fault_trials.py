@@ -52,7 +52,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from pipeline_lib.processes import Supervisor  # noqa: E402
+from pipeline_lib.adapters.processes import Supervisor  # noqa: E402
 from pipeline_lib.training.compute import is_wall_clock  # noqa: E402
 
 SEED = 1  # training seed: rollout calls use seed 100003 + step, evaluations seed 1
@@ -79,13 +79,14 @@ def train_worker(workdir: Path, steps: int, tracking_uri: str | None, step_sleep
     import torch
     from safetensors.torch import save_file
 
+    from pipeline_lib.adapters.mlflow_tracker import MlflowTracker
     from pipeline_lib.config import TinyModelParams, TrainConfig
     from pipeline_lib.data.synthetic import split_arithmetic
     from pipeline_lib.policy.tiny import build_tiny_qwen2
     from pipeline_lib.policy.tokenizer import build_char_tokenizer
     from pipeline_lib.prompts import PromptSet, encode_prompts
     from pipeline_lib.rollout.hf_engine import HFGenerateEngine
-    from pipeline_lib.tracking import MlflowTracker, NullTracker
+    from pipeline_lib.tracking import NullTracker
     from pipeline_lib.training import DirectoryCheckpointer, TrainingRun, TrainState, train_policy
     from pipeline_lib.update import LocalUpdater, UpdateSettings
 
@@ -552,7 +553,7 @@ KILL_AFTER_UPLOADS = (1, 40, 100, 170, 240)
 def trial_s3_push_kill(supervisor: Supervisor, root: Path, count: int):
     """`dvc push` of PUSH_FILES small files; the S3 server is SIGKILLed after k uploads."""
     sys.path.insert(0, str(REPO_ROOT))
-    from pipeline_lib import dvc_remote
+    from pipeline_lib.adapters import dvc_remote
     from tests.integration.s3_server import make_bucket, running_s3_server
 
     workdir = root / "s3"

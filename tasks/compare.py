@@ -13,19 +13,28 @@ MLflow: one parent run per comparison, one child per arm x seed tagged `arm` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import compare_plots
-from pipeline_lib.compare_stats import compare_summary
-from pipeline_lib.comparison import (
+from pipeline_lib.adapters.mlflow_runs import (
+    ARM_TAG,
+    REUSED_TAG,
+    RUN_COLOR_TAG,
+    RUN_KEY_TAG,
+    SEED_TAG,
+    STRATEGY_COLORS,
+    open_child_run,
+)
+from pipeline_lib.comparison import plots as compare_plots
+from pipeline_lib.comparison.runs import (
     RunInputs,
     arm_runs,
     curves_table,
@@ -35,41 +44,20 @@ from pipeline_lib.comparison import (
     run_name,
     run_record,
 )
+from pipeline_lib.comparison.stats import compare_summary
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.import_graph import module_closure_files
 from pipeline_lib.rollout.base import RolloutEngine
-from pipeline_lib.tracking import PARENT_RUN_TAG, Tracker, start_run
+from pipeline_lib.tracking import Tracker
 from pipeline_lib.training import DirectoryCheckpointer
+from tasks.engines import open_engine
 from tasks.hashing import content_hash
-from tasks.tracking import (
-    EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
-    NOTE_TAG,
-    RUN_COLOR_TAG,
-    STRATEGY_COLORS,
-    find_run_by_tag,
-    git_commit,
-    prepare_tracking_store,
-)
 from tasks.train import TrainingInputs, run_training
 
 RECORD_FILE = "record.json"
-ARM_TAG, SEED_TAG, RUN_KEY_TAG = "arm", "seed", "knapsack_rl.compare_run_key"
-REUSED_TAG = "knapsack_rl.reused_from_run"
-# What a run's result depends on besides its settings: the training code path.
-TRAINING_CODE = (
-    "pipeline_lib/training",
-    "pipeline_lib/update",
-    "pipeline_lib/rollout",
-    "pipeline_lib/policy",
-    "pipeline_lib/allocation.py",
-    "pipeline_lib/strategies.py",
-    "pipeline_lib/status.py",
-    "pipeline_lib/grpo.py",
-    "pipeline_lib/rewards.py",
-    "pipeline_lib/scoring.py",
-    "pipeline_lib/prompts.py",
-    "tasks/train.py",
-)
+# What a run's result depends on besides its settings: the code it runs, i.e. the training
+# task, the rollout engines it is handed, and every repository module they import.
+TRAINING_CODE_ROOTS = ("tasks.train", "tasks.engines")
 PLOTS = {
     "rollouts": "accuracy_vs_rollouts.png",
     "tokens": "accuracy_vs_tokens.png",
@@ -79,15 +67,12 @@ EGR_PLOT = "effective_gradient_ratio.png"
 
 
 def code_hash(root: Path = Path(".")) -> str:
-    """sha256 over the training code's Python sources (their paths and bytes)."""
-    import hashlib
-
+    """sha256 over the sources (paths and bytes) of the training task, the engines and every
+    repository module they import, directly or not: any change there makes new run keys."""
     digest = hashlib.sha256()
-    for entry in TRAINING_CODE:
-        path = root / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
+    root = root.resolve()
+    for file in module_closure_files(TRAINING_CODE_ROOTS, root):
+        digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()[:20]
 
 
@@ -179,72 +164,6 @@ def train_arm_seed(
     return record
 
 
-def open_child_run(
-    config: PipelineConfig,
-    name: str,
-    tags: Mapping[str, object],
-    parent_run_id: str | None,
-    resuming: bool,
-) -> AbstractContextManager[Tracker]:
-    """A run's MLflow child of the comparison. A resumed run continues the MLflow run of
-    its interrupted attempt (found by its key tag), moved under this comparison's parent,
-    so one arm x seed has one run with its whole history."""
-    uri = prepare_tracking_store(config)
-    previous = find_run_by_tag(config, RUN_KEY_TAG, str(tags[RUN_KEY_TAG])) if resuming else None
-    if previous is not None:
-        moved = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
-        return start_run(
-            uri, config.tracking.experiment, run_id=previous, tags=moved, flush_every=10
-        )
-    return start_run(
-        uri,
-        config.tracking.experiment,
-        run_name=name,
-        tags=tags,
-        parent_run_id=parent_run_id,
-        artifact_location=config.tracking.artifact_location,
-        flush_every=10,
-    )
-
-
-@contextmanager
-def comparison_run(config: PipelineConfig) -> Iterator[Tracker]:
-    """The MLflow parent run of one comparison; the experiment marked as model training."""
-    from mlflow import MlflowClient
-
-    compare = config.compare
-    uri = prepare_tracking_store(config)
-    note = (
-        f"**Comparison** of {', '.join(compare.arms)} against {compare.baseline}: seeds "
-        f"{list(compare.seeds)}, {compare.steps} steps each, one start policy; "
-        f"commit `{git_commit()[:12]}`. Children: one run per arm x seed."
-    )
-    tags = {
-        "stage": "compare",
-        "arms": ",".join(compare.arms),
-        "seeds": ",".join(map(str, compare.seeds)),
-        "git_commit": git_commit(),
-        NOTE_TAG: note,
-    }
-    with start_run(
-        uri,
-        config.tracking.experiment,
-        run_name=f"compare-{config.fingerprint()[:8]}",
-        tags=tags,
-        artifact_location=config.tracking.artifact_location,
-    ) as parent:
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = client.get_run(str(parent.run_id)).info.experiment_id
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        parent.log_params(
-            {
-                "compare": compare.model_dump(mode="json"),
-                "train": config.train.model_dump(mode="json"),
-            }
-        )
-        yield parent
-
-
 def log_reused_run(parent: Tracker, record: Mapping) -> None:
     """A child run for a run this comparison reused: its tags, final numbers, origin."""
     tags = {
@@ -299,3 +218,34 @@ def write_comparison(
         {f"{arm}/accuracy_mean": entry["accuracy_mean"] for arm, entry in summary["arms"].items()}
     )
     return summary
+
+
+@task(cache_policy=NO_CACHE, task_run_name="process-{arm}-seed{seed}")
+def train_with_own_engine(
+    config: PipelineConfig, arm: str, seed: int, inputs: RunInputs, parent_id: str
+) -> dict:
+    """One arm x seed in a worker process of the task runner, with an engine of its own
+    (opened as the shared one is: same checkpoint, same engine seed)."""
+    train = config.train
+    with open_engine(
+        train.backend, inputs.start_policy, config.seed, train.vllm_engine_kwargs
+    ) as engine:
+        return train_arm_seed.fn(config, arm, seed, inputs, engine, parent_id)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="deployment-{arm}-seed{seed}")
+def deployed_run(
+    deployment: str, arm: str, seed: int, parameters: dict[str, Any], parent_id: str
+) -> dict:
+    """One arm x seed as a flow run of `deployment`; its record is the run's result."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        deployment,
+        parameters=parameters | {"arm": arm, "seed": seed, "parent_run_id": parent_id},
+        flow_run_name=f"compare-{arm}-seed{seed}",
+        timeout=None,
+    )
+    if flow_run.state is None or not flow_run.state.is_completed():
+        raise RuntimeError(f"flow run {flow_run.name} of {deployment} ended {flow_run.state}")
+    return flow_run.state.result()

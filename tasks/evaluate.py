@@ -6,13 +6,23 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline_lib.adapters.mlflow_runs import (
+    NOTE_TAG,
+    append_to_run,
+    pipeline_description,
+    pipeline_parent,
+    stage_links,
+    strategy_runs,
+)
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data.schema import read_prompts
-from pipeline_lib.evaluation import summarize_benchmark
+from pipeline_lib.evaluation.headline import markdown_table
+from pipeline_lib.evaluation.metrics import summarize_benchmark
+from pipeline_lib.evaluation.summary import SUMMARY, mlflow_name
 from pipeline_lib.policy.checkpoint import load_policy
 from pipeline_lib.prompts import PromptSet, encode_prompts
+from pipeline_lib.rewards.sampling import sample_rewards
 from pipeline_lib.rollout.base import RolloutEngine, SamplingConfig
-from pipeline_lib.scoring import sample_rewards
 
 
 # No Prefect result cache: DVC decides when evaluation reruns, and a rerun must re-score.
@@ -53,3 +63,33 @@ def evaluate_policy(
     for level in sorted(set(levels.tolist()) - {-1}):
         metrics[f"accuracy_level_{level}"] = float(correct[levels == level].mean() / k)
     return metrics
+
+
+def log_pipeline_result(
+    config: PipelineConfig, summary: dict[str, float], results: dict, benchmark: str
+) -> None:
+    """The answer into MLflow: the parent run (headline, summary.json, description with the
+    table and stage links) and each strategy's training run (config, held-out results)."""
+    parent = pipeline_parent(config)
+    if parent is None:
+        return
+    strategies = config.train.strategies
+    for strategy, run_id in strategy_runs(config, parent).items():
+        if strategy not in results:
+            continue
+        run = append_to_run(config, run_id)
+        run.log_params({"train": config.train.model_dump(mode="json"), "seed": config.seed})
+        run.log_metrics(
+            {
+                mlflow_name(f"heldout/{bench}/{key}"): value
+                for bench, metrics in results[strategy].items()
+                for key, value in metrics.items()
+            }
+        )
+        run.set_tags({"benchmark": benchmark})
+    run = append_to_run(config, parent)
+    run.log_metrics(summary)
+    run.log_artifact(str(SUMMARY), "metrics")
+    table = f"Held-out results on `{benchmark}`:\n\n" + markdown_table(summary, strategies)
+    results_text = table + "\n\n" + stage_links(config, parent)
+    run.set_tags({NOTE_TAG: pipeline_description(config, results_text), "benchmark": benchmark})

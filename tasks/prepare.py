@@ -8,13 +8,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from pipeline_lib.config import PrepareConfig
+from pipeline_lib.data.layout import SYNTHETIC_BENCHMARK
 from pipeline_lib.data.overlap import remove_benchmark_overlap
 from pipeline_lib.data.schema import validate_prompts, write_prompts
 from pipeline_lib.data.sources import read_source
 from pipeline_lib.data.synthetic import split_arithmetic
-
-TRAIN_FILE = "train.parquet"
-SYNTHETIC_BENCHMARK = "arithmetic"
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])  # network sources (hub, S3) fail transiently

@@ -17,11 +17,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from pipeline_lib import dvc_remote
+from pipeline_lib.adapters import dvc_remote
+from pipeline_lib.adapters.dvc_remote import PushError
+from pipeline_lib.adapters.mlflow_runs import git_commit, prepare_tracking_store
+from pipeline_lib.adapters.mlflow_tracker import start_run
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.dvc_remote import PushError
-from pipeline_lib.tracking import start_run
-from tasks.tracking import git_commit, prepare_tracking_store
 
 __all__ = ["PushError", "push_outputs", "record_pushed_state"]
 

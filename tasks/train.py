@@ -21,12 +21,14 @@ import transformers
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline_lib.adapters.mlflow_runs import find_run_by_tag, prepare_tracking_store
+from pipeline_lib.adapters.mlflow_tracker import start_run
 from pipeline_lib.config import PipelineConfig, TrainConfig
 from pipeline_lib.data.schema import read_prompts
 from pipeline_lib.policy.checkpoint import load_policy, save_policy
 from pipeline_lib.prompts import PromptSet, encode_prompts
 from pipeline_lib.rollout.base import RolloutEngine
-from pipeline_lib.tracking import Tracker, start_run
+from pipeline_lib.tracking import Tracker
 from pipeline_lib.training import (
     Checkpointer,
     DirectoryCheckpointer,
@@ -38,7 +40,6 @@ from pipeline_lib.training import (
 from pipeline_lib.training.compute import is_wall_clock
 from pipeline_lib.training.loop import HeldoutEvaluator
 from pipeline_lib.update import LocalUpdater, Updater, UpdateSettings
-from tasks.tracking import find_run_by_tag, prepare_tracking_store
 
 STATE_ROOT = Path("outputs/train_state")
 TRAIN_KEY_TAG = "knapsack_rl.train_key"

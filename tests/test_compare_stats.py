@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pipeline_lib.compare_stats import (
+from pipeline_lib.comparison.stats import (
     ArmRuns,
     accuracy_interval,
     compare_markdown_table,

@@ -4,15 +4,14 @@ the README table generated from compare.json."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib import compare_plots
-from pipeline_lib.compare_stats import compare_summary
-from pipeline_lib.comparison import (
+from ops import compare_table
+from pipeline_lib.comparison import plots as compare_plots
+from pipeline_lib.comparison.runs import (
     RunInputs,
     arm_runs,
     curves_table,
@@ -21,10 +20,9 @@ from pipeline_lib.comparison import (
     run_key,
     run_record,
 )
+from pipeline_lib.comparison.stats import compare_summary
 from pipeline_lib.config import ConfigError, parse_config
 from tests.conftest import REPO_ROOT
-
-from ops import compare_table
 
 INPUTS = RunInputs("models/start", "s1", "train.parquet", "heldout.parquet", "d1", "c1")
 
@@ -158,7 +156,7 @@ def test_an_arm_keeps_its_colour_in_every_plot():
     """The project's strategy colours (also the MLflow runs' colour tags), not the cycle's."""
     from matplotlib.colors import to_hex
 
-    from tasks.tracking import STRATEGY_COLORS
+    from pipeline_lib.adapters.mlflow_runs import STRATEGY_COLORS
 
     arms = ["uniform", "knapsack"]
     figures = [
@@ -207,7 +205,7 @@ def test_a_resumed_run_continues_its_mlflow_run_under_the_new_comparison(tmp_pat
     finishes it; a run started afresh gets a new child."""
     from mlflow import MlflowClient
 
-    from tasks.compare import RUN_KEY_TAG, open_child_run
+    from pipeline_lib.adapters.mlflow_runs import RUN_KEY_TAG, open_child_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = parse_config({"tracking": {"uri": uri, "artifact_location": str(tmp_path / "mlruns")}})

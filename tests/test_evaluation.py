@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline_lib.evaluation import avg_at_k, pass_at_k, summarize_benchmark
+from pipeline_lib.evaluation.metrics import avg_at_k, pass_at_k, summarize_benchmark
 
 
 def pass_at_k_by_enumeration(num_samples: int, num_correct: int, k: int) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.plots import allocation_histogram, calibration_plot, training_curves
+from pipeline_lib.training.plots import allocation_histogram, calibration_plot, training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,7 +114,7 @@ def test_figures_render_to_png_and_are_freed_without_pyplot(tmp_path: Path) -> N
 
 def test_making_figures_leaves_pyplot_and_its_global_state_unloaded() -> None:
     script = (
-        "import sys, numpy as np; from pipeline_lib.plots import allocation_histogram; "
+        "import sys, numpy as np; from pipeline_lib.training.plots import allocation_histogram; "
         "allocation_histogram(np.array([2, 8])).savefig(__import__('io').BytesIO()); "
         "assert 'matplotlib.pyplot' not in sys.modules"
     )

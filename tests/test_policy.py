@@ -12,9 +12,9 @@ from pipeline_lib.policy.sft import IGNORE_INDEX, build_sft_batch, run_sft, samp
 from pipeline_lib.policy.tiny import build_tiny_qwen2
 from pipeline_lib.policy.tokenizer import CHARACTERS, build_char_tokenizer
 from pipeline_lib.prompts import PromptSet, encode_prompts
+from pipeline_lib.rewards.sampling import sample_rewards
 from pipeline_lib.rollout.base import SamplingConfig
 from pipeline_lib.rollout.hf_engine import HFGenerateEngine
-from pipeline_lib.scoring import sample_rewards
 
 TEXT = "  12+ 345=357"
 

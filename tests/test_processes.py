@@ -1,4 +1,4 @@
-"""pipeline_lib.processes: a launcher stops all it started, however it ends.
+"""pipeline_lib.adapters.processes: a launcher stops all it started, however it ends.
 
 Each test runs a real launcher process (a Supervisor around a child in its own session
 whose own child starts yet another session, like Prefect's worker -> flow run -> dvc),
@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline_lib.processes import LAUNCH_ENV, Supervisor, marked_processes
+from pipeline_lib.adapters.processes import LAUNCH_ENV, Supervisor, marked_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ LAUNCHER = textwrap.dedent(
     f"""
     import subprocess, sys, time
     sys.path.insert(0, {str(ROOT)!r})
-    from pipeline_lib.processes import Supervisor
+    from pipeline_lib.adapters.processes import Supervisor
     mode = sys.argv[1]
     with Supervisor(grace_s=2.0, watchdog=True) as supervisor:
         supervisor.popen([sys.executable, "-c", {CHILD!r}], start_new_session=True)

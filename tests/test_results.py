@@ -7,18 +7,14 @@ import json
 import logging
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flows.evaluate import HEADLINE_KEYS, eval_metrics, log_pipeline_result, summarize
-from flows.train import timing_metrics, train_metrics
-from pipeline_lib.config import load_config
-from pipeline_lib.results import headline_columns, headline_rows, markdown_table, text_table
-from pipeline_lib.tracking import NullTracker
-from tasks.tracking import (
+from ops.mlflow_link import experiment_url
+from ops.plots_offline import html_template
+from pipeline_lib.adapters.mlflow_runs import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     NOTE_TAG,
@@ -27,12 +23,20 @@ from tasks.tracking import (
     STRATEGY_COLORS,
     ProgressTracker,
     record_final_lock,
-    stage_run,
 )
+from pipeline_lib.config import load_config
+from pipeline_lib.evaluation.headline import (
+    headline_columns,
+    headline_rows,
+    markdown_table,
+    text_table,
+)
+from pipeline_lib.evaluation.summary import HEADLINE_KEYS, eval_metrics, summarize
+from pipeline_lib.tracking import NullTracker
+from pipeline_lib.training.outputs import timing_metrics, train_metrics
+from tasks.evaluate import log_pipeline_result
+from tasks.tracking import stage_run
 from tests.conftest import REPO_ROOT
-
-from ops.mlflow_link import experiment_url
-from ops.plots_offline import html_template
 
 SUMMARY = {
     "start_accuracy": 0.39,

@@ -13,13 +13,18 @@ import pytest
 import torch
 import yaml
 
-from pipeline_lib import redaction
+from pipeline_lib.adapters import redaction
+from pipeline_lib.adapters.dvc_remote import PushError
+from pipeline_lib.adapters.mlflow_tracker import MlflowTracker
+from pipeline_lib.adapters.redaction import (
+    install_log_redaction,
+    redact,
+    redact_mapping,
+    secret_values,
+)
 from pipeline_lib.config import TinyModelParams
-from pipeline_lib.dvc_remote import PushError
 from pipeline_lib.policy.tiny import build_tiny_qwen2
 from pipeline_lib.policy.tokenizer import build_char_tokenizer
-from pipeline_lib.redaction import install_log_redaction, redact, redact_mapping, secret_values
-from pipeline_lib.tracking import MlflowTracker
 from pipeline_lib.training import DirectoryCheckpointer, TrainState
 from tests.conftest import REPO_ROOT
 

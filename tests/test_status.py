@@ -16,11 +16,10 @@ from pipeline_lib.status import (
     empty_status,
     estimate_success_rates,
     expected_tokens,
-    load_status,
     prior_mean,
     record_visit,
-    save_status,
 )
+from pipeline_lib.training.state import load_status, save_status
 
 
 def status_after(visits, **kwargs):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib import dvc_remote
-from pipeline_lib.dvc_remote import PushError, S3Remote, StorageError, configure_dvc_remote
+from pipeline_lib.adapters import dvc_remote
+from pipeline_lib.adapters.dvc_remote import PushError, S3Remote, StorageError, configure_dvc_remote
 
 
 def closed_port() -> int:

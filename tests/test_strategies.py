@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline_lib.allocation import allocate_rollouts, knapsack_allocate
+from pipeline_lib.allocation.strategies import STRATEGIES, AllocationRequest, get_strategy, register
 from pipeline_lib.config import StrategyName, TrainConfig
 from pipeline_lib.status import empty_status, record_visit
-from pipeline_lib.strategies import STRATEGIES, AllocationRequest, get_strategy, register
 from pipeline_lib.training.steps import allocate
 
 CONFIG = TrainConfig(prompts_per_step=6, rollouts_per_prompt=8, max_rollouts=32)

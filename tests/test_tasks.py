@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from flows.common import parse_overrides
-from flows.evaluate import mlflow_name, summarize
 from flows.pipeline import dvc_command
-from flows.train import write_curves
 from pipeline_lib.config import ConfigError, PrepareConfig
 from pipeline_lib.data.schema import PromptTableError, read_prompts
+from pipeline_lib.evaluation.summary import mlflow_name, summarize
+from pipeline_lib.training.outputs import write_curves
 from tasks.hashing import content_hash
 from tasks.prepare import load_tables, write_tables
 

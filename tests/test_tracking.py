@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING
 import pytest
 from matplotlib.figure import Figure
 
-from pipeline_lib.tracking import (
+from pipeline_lib.adapters.mlflow_tracker import (
     MAX_PARAM_VALUE_CHARS,
     PARENT_RUN_TAG,
     MlflowTracker,
-    NullTracker,
-    Tracker,
     flatten_params,
     start_run,
 )
+from pipeline_lib.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -200,7 +199,7 @@ def test_a_stage_in_another_process_nests_its_run_under_the_parent(
     stage = textwrap.dedent(
         f"""
         import sys
-        from pipeline_lib.tracking import MlflowTracker
+        from pipeline_lib.adapters.mlflow_tracker import MlflowTracker
         with MlflowTracker.start({store.tracking_uri!r}, {EXPERIMENT!r}, "train",
                                  parent_run_id=sys.argv[1]) as tracker:
             tracker.log_metrics({{"losses/policy": 0.25}}, step=7)

@@ -93,23 +93,27 @@ def test_response_logprobs_run_each_prompt_once_and_match_the_full_rows(policy_a
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _gradients(model, batch, settings, micro_batch_rows):
+def _gradients(model, batch, settings, micro_batch_rows, world=1):
+    """`backward_rows` gradients and diagnostic sums, the rows split over `world`
+    ranks as `distributed` splits them (the ranks' gradients summed)."""
     model = copy.deepcopy(model).train()
     settings = UpdateSettings(
         loss_aggregation=settings.loss_aggregation, micro_batch_rows=micro_batch_rows
     )
     rows = signal_rows(batch, settings)
-    totals = backward_rows(model, batch, rows, settings, BatchNorms.of(batch, rows, settings))
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, totals
+    norms = BatchNorms.of(batch, rows, settings)
+    totals: dict[str, float] = {}
+    for rank in range(world):
+        for key, value in backward_rows(model, batch, rows[rank::world], settings, norms).items():
+            totals[key] = totals.get(key, 0.0) + value
+    grads = {
+        n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()
+    }
+    return grads, totals
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_micro_batches_and_skipped_zero_rows_give_the_full_batch_gradient(
-    policy_and_batch, aggregation
-):
-    """Rows split 1, 2 or 3 to a micro-batch, zero-advantage rows left out, and the
-    gradient still equals that of `policy_loss` over the whole batch at once."""
-    model, batch = policy_and_batch
+def _full_batch_loss(model, batch, aggregation):
+    """The reference: `policy_loss` over every row in one pass, and its gradients."""
     settings = UpdateSettings(loss_aggregation=aggregation)
     reference = copy.deepcopy(model).train()
     logprobs = token_logprobs(reference, batch.input_ids, batch.attention_mask)
@@ -122,11 +126,76 @@ def test_micro_batches_and_skipped_zero_rows_give_the_full_batch_gradient(
         seq_sum_norm=float(settings.max_new_tokens),  # a constant, not the padded width
     )
     loss.backward()
-    for micro in (1, 2, 3):
-        grads, totals = _gradients(model, batch, settings, micro)
-        assert totals["train/loss"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-7)
-        for name, parameter in reference.named_parameters():
-            torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-4, atol=1e-7)
+    grads = {
+        n: torch.zeros_like(p) if p.grad is None else p.grad
+        for n, p in reference.named_parameters()
+    }
+    return float(loss.detach()), grads
+
+
+def _assert_split_gradients_equal_the_full_batch(model, batch, aggregation, splits):
+    loss, expected = _full_batch_loss(model, batch, aggregation)
+    for micro, world in splits:
+        settings = UpdateSettings(loss_aggregation=aggregation)
+        grads, totals = _gradients(model, batch, settings, micro, world)
+        assert totals["train/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7), (micro, world)
+        for name, gradient in expected.items():
+            torch.testing.assert_close(
+                grads[name], gradient, rtol=1e-4, atol=1e-7, msg=f"{name} {micro=} {world=}"
+            )
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_micro_batches_and_skipped_zero_rows_give_the_full_batch_gradient(
+    policy_and_batch, aggregation
+):
+    """Rows split 1, 2 or 3 to a micro-batch, zero-advantage rows left out, and the
+    gradient still equals that of `policy_loss` over the whole batch at once."""
+    model, batch = policy_and_batch
+    _assert_split_gradients_equal_the_full_batch(
+        model, batch, aggregation, [(1, 1), (2, 1), (3, 1)]
+    )
+
+
+@pytest.fixture(scope="module")
+def policy_and_batch_with_empty_responses(policy_and_batch):
+    """The fixture's prompts and model; rows 1 and 6 (advantage != 0) and 4 (advantage
+    0) have empty responses, so signal rows [0, 1, 3, 5, 6] in pairs end on an empty one."""
+    model, batch = policy_and_batch
+    lengths = [2, 0, 3, 1, 0, 4, 0]
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for row, length in enumerate(lengths):
+        prompt = batch.input_ids[row, : batch.prompt_lengths[row]].tolist()
+        rows.append(
+            completion(prompt, torch.randint(3, 18, (length,), generator=generator).tolist())
+        )
+    return model, build_update_batch(rows, batch.advantages, pad_token_id=0)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_empty_responses_count_in_micro_batch_weights_as_the_loss_counts_them(
+    policy_and_batch_with_empty_responses, aggregation
+):
+    """Completions with no response token, in micro-batches of 1, 2, 3, 4 or all rows
+    and split over 2 or 3 ranks: the gradient is the full batch's, whose
+    seq-mean-token-mean leaves empty responses out of its mean."""
+    model, batch = policy_and_batch_with_empty_responses
+    assert batch.response_mask.sum(-1).tolist() == [2, 0, 3, 1, 0, 4, 0]
+    splits = [(1, 1), (2, 1), (3, 1), (4, 1), (batch.rows, 1), (1, 2), (2, 3)]
+    _assert_split_gradients_equal_the_full_batch(model, batch, aggregation, splits)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_a_step_of_only_empty_responses_has_zero_loss_and_gradient(policy_and_batch, aggregation):
+    model, batch = policy_and_batch
+    prompts = [batch.input_ids[row, : batch.prompt_lengths[row]].tolist() for row in range(3)]
+    empty = build_update_batch(
+        [completion(prompt, []) for prompt in prompts], torch.tensor([1.0, -1.0, 0.5]), 0
+    )
+    grads, totals = _gradients(model, empty, UpdateSettings(loss_aggregation=aggregation), 2)
+    assert totals["train/loss"] == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
 
 def test_signal_rows_skip_zero_advantages_unless_a_kl_term_needs_every_row(policy_and_batch):

@@ -12,7 +12,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
 
-from pipeline_lib.atomic import atomic_file
+from pipeline_lib.adapters.atomic import atomic_file
 
 PROMPT_COLUMNS = ["id", "problem", "answer", "source", "level"]
 UNKNOWN_LEVEL = -1

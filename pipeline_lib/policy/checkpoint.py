@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from pipeline_lib.atomic import atomic_directory
+from pipeline_lib.adapters.atomic import atomic_directory
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Any, Self
 import psutil
 import torch
 
-from pipeline_lib.processes import exit_on_sigterm, stop_children
+from pipeline_lib.adapters.processes import exit_on_sigterm, stop_children
 from pipeline_lib.rollout.base import (
     Completion,
     GenerationStats,

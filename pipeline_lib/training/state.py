@@ -10,6 +10,7 @@ the state: the MLflow run of an interrupted attempt is found by its tags.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,9 +19,9 @@ import pandas as pd
 import torch
 import transformers
 
-from pipeline_lib.atomic import atomic_directory, recover_directory
+from pipeline_lib.adapters.atomic import atomic_directory, atomic_file, recover_directory
 from pipeline_lib.policy.checkpoint import transformers_progress_bars_off
-from pipeline_lib.status import empty_status, load_status, save_status
+from pipeline_lib.status import STATUS_SCHEMA, empty_status
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -132,3 +133,28 @@ class DirectoryCheckpointer:
             pd.DataFrame(state.history).to_csv(staging / "history.csv", index=False)
             meta = {"step": state.step, "fingerprint": self.fingerprint}
             (staging / "meta.json").write_text(json.dumps(meta))
+
+
+def save_status(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Validate ``table`` and write it to parquet at ``path`` atomically.
+
+    Validation comes first and the write goes through ``atomic_file``: a crash or a
+    validation error never leaves a partial or invalid file, and an existing file
+    stays as it was.
+    """
+    STATUS_SCHEMA.validate(table)
+    with atomic_file(path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def load_status(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a status table written by ``save_status`` and validate it."""
+    table = pd.read_parquet(path)
+    # Parquet lists come back as numpy arrays; the schema wants plain lists of ints.
+    for column in ("window_rollouts", "window_successes"):
+        table[column] = pd.Series(
+            [[int(v) for v in values] for values in table[column]], index=table.index, dtype=object
+        )
+    table["prompt_id"] = table["prompt_id"].astype("str")
+    return STATUS_SCHEMA.validate(table)

@@ -17,20 +17,20 @@ import pandas as pd
 import torch
 
 from pipeline_lib.allocation import AllocationResult, invalidate_short_histories
+from pipeline_lib.allocation.strategies import AllocationRequest, get_strategy
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.grpo import effective_gradient_ratio, group_advantages
-from pipeline_lib.plots import allocation_histogram, calibration_plot
 from pipeline_lib.prompts import PromptSet
+from pipeline_lib.rewards.sampling import grade, sample_rewards
 from pipeline_lib.rollout.base import Completion, GenerationStats, RolloutEngine, SamplingConfig
-from pipeline_lib.scoring import grade, sample_rewards
 from pipeline_lib.status import (
     estimate_success_rates,
     expected_tokens,
     record_visit,
     reward_counts,
 )
-from pipeline_lib.strategies import AllocationRequest, get_strategy
 from pipeline_lib.tracking import Tracker
+from pipeline_lib.training.plots import allocation_histogram, calibration_plot
 
 
 def step_prompts(

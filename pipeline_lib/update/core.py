@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import transformers
 
-from pipeline_lib.grpo import LossAggregation, policy_loss
+from pipeline_lib.grpo import LossAggregation, aggregation_count, policy_loss
 from pipeline_lib.rollout.base import Completion
 
 if TYPE_CHECKING:
@@ -202,12 +202,13 @@ class BatchNorms:
     """Counts over one optimizer step's rows that scale each micro-batch's loss.
 
     A micro-batch (or a data-parallel rank's share of the rows) weighs its loss by
-    its part of the step's rows (the whole batch, or one PPO mini-batch), so the
-    parts' gradients add up to the step's: exact for every aggregation mode.
+    its part of what the step's loss divides by (`grpo.aggregation_count` over the
+    whole batch, or one PPO mini-batch): valid tokens, or completions with at least
+    one response token, so an empty response counts as the loss counts it. The
+    parts' gradients then add up to the step's: exact for every aggregation mode.
     """
 
-    tokens: float  # response tokens in the step's rows
-    rows: float  # completions in the step's rows
+    loss_count: float  # `aggregation_count` of the step's rows, in the settings' mode
     kept_tokens: float  # response tokens in the rows the update sees
     seq_norm: float  # the seq-mean-token-sum-norm constant (max_new_tokens)
 
@@ -222,8 +223,7 @@ class BatchNorms:
         """Norms of the step over `members` (default: every row) whose `rows` carry signal."""
         mask = batch.response_mask if members is None else batch.response_mask[members]
         return cls(
-            tokens=float(mask.sum()),
-            rows=float(mask.shape[0]),
+            loss_count=float(aggregation_count(mask, settings.loss_aggregation)),
             kept_tokens=float(batch.response_mask[rows].sum()),
             seq_norm=float(settings.max_new_tokens),
         )
@@ -317,13 +317,10 @@ def _backward_chunk(
         kl_coef=settings.kl_coef,
         token_weights=tis_weights(old, sampled, settings.tis_cap),
     )
-    # Rescale the chunk's aggregate to its share of the full batch.
-    if settings.loss_aggregation == "token-mean":
-        weight = float(mask.sum()) / norms.tokens
-    elif settings.loss_aggregation == "seq-mean-token-mean":
-        weight = float(mask.shape[0]) / norms.rows
-    else:
-        weight = 1.0
+    # Rescale the chunk's aggregate to its share of the step's divisor (clamped to 1
+    # as `aggregate_loss` clamps it, so a step of empty responses weighs 0, not 0/0).
+    count = float(aggregation_count(mask, settings.loss_aggregation))
+    weight = count / max(norms.loss_count, 1.0)
     (loss * weight * loss_scale).backward()
     if totals is None:  # a zero-weight padding pass: no diagnostics
         return

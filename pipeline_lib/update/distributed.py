@@ -31,7 +31,7 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 
-from pipeline_lib.processes import exit_on_sigterm
+from pipeline_lib.adapters.processes import exit_on_sigterm
 from pipeline_lib.update.core import (
     BatchNorms,
     UpdateBatch,

@@ -6,7 +6,7 @@ convention, which its admin worker assumes), the data lives in a temporary folde
 the S3 gateway accepts one identity read from an `-s3.config` file: unsigned or wrongly
 signed requests are refused, as on a real store. The server runs in its own process
 group and is stopped by that group's id, never by name; `running_s3_server` also gives
-it to a `pipeline_lib.processes.Supervisor`, so a SIGTERM to the test process, or a
+it to a `pipeline_lib.adapters.processes.Supervisor`, so a SIGTERM to the test process, or a
 SIGKILL of it (through the supervisor's watchdog), stops the server as well.
 
 Use `running_s3_server(folder)` as a context manager (in a fixture), then make the
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib.processes import Supervisor
+from pipeline_lib.adapters.processes import Supervisor
 
 GRPC_OFFSET = 10000  # SeaweedFS derives a component's gRPC port as its HTTP port + 10000
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")

@@ -17,12 +17,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib import dvc_remote
+from pipeline_lib.adapters import dvc_remote
+from pipeline_lib.adapters.dvc_remote import (
+    PushError,
+    S3Remote,
+    configure_dvc_remote,
+    ensure_bucket,
+)
+from pipeline_lib.adapters.mlflow_tracker import start_run
 from pipeline_lib.config import parse_config
 from pipeline_lib.data.schema import validate_prompts
 from pipeline_lib.data.sources import SourceError, read_source
-from pipeline_lib.dvc_remote import PushError, S3Remote, configure_dvc_remote, ensure_bucket
-from pipeline_lib.tracking import start_run
 from tests.integration.s3_server import TEST_BUCKET, S3Server, make_bucket, running_s3_server
 
 pytestmark = pytest.mark.integration

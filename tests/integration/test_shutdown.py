@@ -4,7 +4,7 @@ Each case starts the make target in a new process group (like a shell job), wait
 moment of the run (server starting, worker running, training), sends SIGINT or SIGTERM
 to the whole group, and 30 s later counts the processes the run started that are still
 alive. Two independent ways to find them: the launch mark inherited by every
-descendant (`pipeline_lib.processes.LAUNCH_ENV`, set here before make starts), and any
+descendant (`pipeline_lib.adapters.processes.LAUNCH_ENV`, set here before make starts), and any
 new process whose command line or working directory lies in this test's temporary
 folder (TMPDIR points there, so deploy-smoke's project copy does too).
 
@@ -27,7 +27,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline_lib.processes import LAUNCH_ENV
+from pipeline_lib.adapters.processes import LAUNCH_ENV
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))

@@ -1,4 +1,8 @@
-"""The repository's own import graph, read from the source (nothing is imported)."""
+"""The repository's own import graph, read from the source (nothing is imported).
+
+Used by the comparison's run key (a run is reused only while every module its training
+imports is unchanged) and by the layout tests (no cycles, adapters kept apart).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,24 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline_lib", "tasks", "flows")
+PACKAGES = ("pipeline_lib", "tasks", "flows", "ops", "bench")
 
 
-def python_files(package: str) -> list[Path]:
-    return sorted((ROOT / package).rglob("*.py"))
+def python_files(package: str, root: Path = ROOT) -> list[Path]:
+    return sorted((root / package).rglob("*.py"))
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_files(packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
-    return {module_name(path): path for package in packages for path in python_files(package)}
+def module_files(packages: tuple[str, ...] = PACKAGES, root: Path = ROOT) -> dict[str, Path]:
+    return {
+        module_name(path, root): path
+        for package in packages
+        for path in python_files(package, root)
+    }
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -36,9 +44,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def import_graph(packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+def import_graph(packages: tuple[str, ...] = PACKAGES, root: Path = ROOT) -> dict[str, set[str]]:
     """module -> repository modules it imports (a package's __init__ counts as the package)."""
-    files = module_files(packages)
+    files = module_files(packages, root)
     return {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
 
 
@@ -56,3 +64,14 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
         parents = {".".join(parts[:i]) for i in range(1, len(parts))} & set(graph)
         todo += sorted((graph.get(name, set()) | parents) - seen)
     return seen
+
+
+def module_closure_files(starts: tuple[str, ...], root: Path = ROOT) -> list[Path]:
+    """The source files of the `starts` modules and of every repository module they
+    import, directly or not, sorted."""
+    files = module_files(("pipeline_lib", "tasks", "flows"), root)
+    graph = {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
+    unknown = [start for start in starts if start not in graph]
+    if unknown:
+        raise KeyError(f"not modules under {root}: {unknown}")
+    return sorted({files[name] for start in starts for name in closure(graph, start)})

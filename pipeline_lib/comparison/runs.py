@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.compare_stats import ArmRuns
+from pipeline_lib.comparison.stats import ArmRuns
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.training.compute import evaluation_curve
 
@@ -144,3 +146,36 @@ def egr_table(records: Sequence[Mapping]) -> pd.DataFrame:
         ],
         ignore_index=True,
     )
+
+
+class Stopwatch:
+    """Wall seconds per named phase of the flow (to report its overhead)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def overhead(clock: Stopwatch, trained: list[dict]) -> dict[str, float]:
+    """The flow's time outside its training runs (`train_seconds` of each trained run),
+    absolute and as a share of the flow's wall time, and the phases it went to."""
+    total = time.perf_counter() - clock.started
+    # One after another, the runs' own seconds add up to less than the "runs" phase;
+    # in parallel, the phase's wall time is the smaller: training took the lesser.
+    training = min(
+        sum(record["train_seconds"] for record in trained), clock.seconds.get("runs", 0.0)
+    )
+    return {
+        "total_seconds": total,
+        "training_seconds": training,
+        "overhead_seconds": total - training,
+        "overhead_share": (total - training) / total if total else 0.0,
+    } | {f"{name}_seconds": seconds for name, seconds in clock.seconds.items()}

@@ -246,7 +246,7 @@ class Supervisor:
     def _start_watchdog(self) -> None:
         """A process in its own session that sweeps the launch once this process is gone."""
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "pipeline_lib.processes", str(os.getpid()), self.launch_id],
+            [sys.executable, "-m", __name__, str(os.getpid()), self.launch_id],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -3,7 +3,7 @@
 One line per arm: the mean over seeds at each evaluation step, drawn at the seeds'
 mean compute for that step (seeds of one arm spend about the same; dynamic sampling
 varies a little), with a band from the lowest to the highest seed.
-Built on `matplotlib.figure.Figure` (no pyplot), like `pipeline_lib.plots`.
+Built on `matplotlib.figure.Figure` (no pyplot), like `pipeline_lib.training.plots`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
-"""Verifiable rewards: extract a completion's final answer and check it against a reference.
+"""Grading in worker processes under a hard per-answer time limit (`RewardGrader`).
 
-Two paths, chosen by `AnswerExtraction`:
-
-- Plain numbers (GSM8K, synthetic arithmetic): a regex pulls the number out and it is
-  compared exactly as a decimal. Cheap and linear in the text, so it runs in-process.
-- MATH-style answers (the last `\\boxed{...}`): math-verify (sympy) decides equivalence.
-  Sympy can run for minutes on adversarial input and math-verify's own timeout uses
-  SIGALRM, which only works in the main thread (Prefect runs tasks in worker threads).
-  So these answers are graded in worker processes under a hard per-answer time limit; a
-  worker that overruns is killed and replaced (`RewardGrader`).
+math-verify's own timeout uses SIGALRM, which works only in the main thread (Prefect
+runs tasks in worker threads), so symbolic answers go to subprocess workers; one that
+overruns is killed and replaced.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import resource
 import signal
 import socket
@@ -27,10 +20,17 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from enum import StrEnum
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+
+from pipeline_lib.rewards.answers import (
+    AnswerExtraction,
+    _boxed_reward_without_sympy,
+    _plain_rewards,
+    _symbolic_reward,
+    extract_answer,
+    extract_boxed,
+)
 
 __all__ = [
     "AnswerExtraction",
@@ -42,25 +42,6 @@ __all__ = [
     "math_reward",
     "reward",
 ]
-
-
-class AnswerExtraction(StrEnum):
-    """Where a completion's final answer is read from."""
-
-    BOXED = "boxed"
-    """The last `\\boxed{...}` (or `\\fbox{...}`); graded with math-verify."""
-    ANSWER_LINE = "answer_line"
-    """The number after the last `Answer:` / `answer is` / GSM8K's `####`, else the last box."""
-    LAST_NUMBER = "last_number"
-    """The last number anywhere in the text (synthetic arithmetic: `12+345=357`)."""
-
-
-# Answers longer than this are compared as text only: no MATH answer is this long, and
-# handing megabytes of model output to sympy only buys a timeout and a worker respawn.
-MAX_SYMBOLIC_ANSWER_CHARS = 1_000
-# Brackets nested deeper than this send sympy's parser into minutes of work, and no real
-# answer nests this deep.
-MAX_SYMBOLIC_NESTING = 30
 # Caps a worker's address space: "9999999999^{9999999999}" would otherwise grow a
 # multi-GB integer until the time limit struck. A warm worker uses about 100 MB.
 WORKER_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -72,196 +53,6 @@ WORKER_CPU_BACKSTOP_S = 10.0
 # A worker imports sympy and math-verify before it is ready (1-5 s on a loaded machine).
 WORKER_START_TIMEOUT_S = 120.0
 
-_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)\b")
-# Thousands separators only in groups of three, so a list "3,5,7" ends in the number 7.
-# A minus counts only where it cannot be a binary operator ("12-5" ends in 5, not -5).
-_NUMBER = re.compile(
-    r"(?:(?<![\w)\]}])[-\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<!\d)\.\d+"
-)
-_ANSWER_MARKER = re.compile(r"\banswer\s*(?:is\b\s*:?|[:=])|####", re.IGNORECASE)
-_NUMBER_AFTER_MARKER = re.compile(r"[\s$*\\(]*(" + _NUMBER.pattern + ")")
-_CHOICE = re.compile(r"\(?([A-E])\)?")
-_CHOICE_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
-_WHITESPACE = re.compile(r"\s+")
-_SIZED_DELIMITER = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
-_PERCENT_SUFFIX = re.compile(r"\s*\\?%\s*$")
-
-
-# --- extraction -------------------------------------------------------------------------
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` in `text`, braces matched.
-
-    Also accepts the brace-less form `\\boxed 5`. Returns None when there is no box or
-    the last one is unbalanced (a truncated generation has no final answer). Linear time.
-    """
-    last = _last_match(_BOX_COMMAND, text)
-    if last is None:
-        return None
-    start = last.end()
-    while start < len(text) and text[start] == " ":
-        start += 1
-    if start >= len(text):
-        return None
-    if text[start] != "{":
-        token = re.match(r"[^\s$]+", text[start:])
-        return token.group(0) if token else None
-    depth = 0
-    position = start
-    while position < len(text):
-        char = text[position]
-        if char == "\\":  # \{ and \} are literal braces (a set), not grouping
-            position += 1
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : position].strip()
-        position += 1
-    return None
-
-
-def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    last = deque(pattern.finditer(text), maxlen=1)
-    return last[0] if last else None
-
-
-def _last_number(text: str) -> str | None:
-    last = _last_match(_NUMBER, text)
-    return None if last is None else _canonical_number_text(last.group(0))
-
-
-def _answer_line_number(text: str) -> str | None:
-    marker = _last_match(_ANSWER_MARKER, text)
-    if marker is not None:
-        number = _NUMBER_AFTER_MARKER.match(text, marker.end())
-        if number is not None:
-            return _canonical_number_text(number.group(1))
-    # Models asked for "Answer: N" often box it instead; the box is still a final answer,
-    # unlike the last number of a rambling text.
-    boxed = extract_boxed(text)
-    if boxed is None or _parse_number(boxed) is None:
-        return boxed
-    return _canonical_number_text(boxed.strip().strip("$").strip())
-
-
-def _canonical_number_text(number: str) -> str:
-    return number.replace(",", "").replace("\u2212", "-")
-
-
-def extract_answer(
-    completion: str, extraction: AnswerExtraction | str = AnswerExtraction.BOXED
-) -> str | None:
-    """The completion's final answer as text, or None when it gives none.
-
-    Numbers come back without thousands separators ("1,000" -> "1000").
-    """
-    extraction = AnswerExtraction(extraction)
-    if extraction is AnswerExtraction.BOXED:
-        return extract_boxed(completion)
-    if extraction is AnswerExtraction.ANSWER_LINE:
-        return _answer_line_number(completion)
-    return _last_number(completion)
-
-
-# --- comparison -------------------------------------------------------------------------
-
-
-def _parse_number(text: str) -> Decimal | None:
-    """`text` as an exact decimal when it is one number (after `$`, spaces, a final '.')."""
-    stripped = text.strip().strip("$").strip().rstrip(".")
-    if _NUMBER.fullmatch(stripped) is None:
-        return None
-    try:
-        return Decimal(_canonical_number_text(stripped))
-    except InvalidOperation:
-        return None
-
-
-def _plain_reward(answer: str | None, reference: str) -> float:
-    """Exact numeric equality ("357" == "357.0" == "357.00"), else exact text equality."""
-    if answer is None:
-        return 0.0
-    answer_number, reference_number = _parse_number(answer), _parse_number(reference)
-    if answer_number is not None and reference_number is not None:
-        return float(answer_number == reference_number)
-    return float(_WHITESPACE.sub("", answer) == _WHITESPACE.sub("", reference))
-
-
-def _plain_rewards(
-    completions: Sequence[str], references: Sequence[str], extraction: AnswerExtraction
-) -> list[float]:
-    return [
-        _plain_reward(extract_answer(completion, extraction), reference)
-        for completion, reference in zip(completions, references, strict=True)
-    ]
-
-
-def _same_latex_text(answer: str, reference: str) -> bool:
-    """Identical up to whitespace and `\\dfrac`/`\\tfrac`: equal without asking sympy."""
-
-    def normalize(latex: str) -> str:
-        latex = _SIZED_DELIMITER.sub("", latex).replace("\\dfrac", "\\frac")
-        return _WHITESPACE.sub("", latex.replace("\\tfrac", "\\frac"))
-
-    return normalize(answer) == normalize(reference)
-
-
-def _choice_letter(latex: str) -> str | None:
-    """'C' for a multiple-choice answer written C, (C), \\text{(C)} or \\textbf{C}."""
-    unwrapped = _CHOICE_WRAPPER.sub(r"\1", latex).replace(" ", "").strip("$")
-    letter = _CHOICE.fullmatch(unwrapped)
-    return None if letter is None else letter.group(1)
-
-
-def _symbolic_reward(answer: str, reference: str) -> float:
-    """math-verify's verdict on a box's content vs a MATH-style reference. Unbounded time:
-    call it only where the caller enforces a limit (a `RewardGrader` worker)."""
-    # Imported here: sympy takes a second to import and only the workers need it.
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    extraction_config = [LatexExtractionConfig(), ExprExtractionConfig()]
-    # MATH graders read "25\\%" as 25 (math-verify reads it as 0.25, so "25" would fail).
-    answer, reference = _PERCENT_SUFFIX.sub("", answer), _PERCENT_SUFFIX.sub("", reference)
-    # Timeouts off: math-verify's alarm would fire in the middle of the worker's loop and
-    # the grader's hard limit already bounds each answer.
-    gold = parse(
-        "\\boxed{" + reference + "}", extraction_config=extraction_config, parsing_timeout=None
-    )
-    predicted = parse(
-        "\\boxed{" + answer + "}", extraction_config=extraction_config, parsing_timeout=None
-    )
-    if not gold or not predicted:
-        return 0.0
-    return float(verify(gold, predicted, timeout_seconds=None))
-
-
-def _boxed_reward_without_sympy(answer: str | None, reference: str) -> float | None:
-    """The verdict when it needs no sympy, else None (the answer needs `_symbolic_reward`)."""
-    if answer is None or not answer:
-        return 0.0
-    if _same_latex_text(answer, reference):
-        return 1.0
-    answer_choice, reference_choice = _choice_letter(answer), _choice_letter(reference)
-    if answer_choice is not None and reference_choice is not None:
-        return float(answer_choice == reference_choice)
-    if len(answer) > MAX_SYMBOLIC_ANSWER_CHARS or _nesting_depth(answer) > MAX_SYMBOLIC_NESTING:
-        return 0.0
-    return None
-
-
-def _nesting_depth(latex: str) -> int:
-    depth = deepest = 0
-    for char in latex:
-        if char in "({[":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in ")}]":
-            depth -= 1
-    return deepest
-
 
 # --- process pool with a hard time limit -----------------------------------------------
 
@@ -272,8 +63,7 @@ _READY = "ready"
 # does not re-import the caller's __main__ (a Prefect flow module pulls in torch and
 # prefect: seconds and hundreds of MB per worker). It talks over an inherited socket.
 _WORKER_COMMAND = (
-    "import sys; sys.path.insert(0, sys.argv[2]); "
-    "from pipeline_lib.rewards import _serve; _serve(int(sys.argv[1]))"
+    "import sys; from pipeline_lib.rewards.grading import _serve; _serve(int(sys.argv[1]))"
 )
 _WARM_UP_PAIRS = [
     ("\\frac{1}{2}", "0.5"),
@@ -282,7 +72,7 @@ _WARM_UP_PAIRS = [
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}"),
     ("y = 2x", "2x"),
 ]
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 def _serve(fd: int) -> None:
@@ -344,12 +134,19 @@ class _Worker:
         self.process.wait()
 
 
+def _worker_environment() -> dict[str, str]:
+    """The caller's environment with this package importable (it may run from a checkout)."""
+    paths = [_PACKAGE_PARENT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def _start_worker() -> _Worker:
     parent_socket, child_socket = socket.socketpair()
     with child_socket:
         process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_COMMAND, str(child_socket.fileno()), _PACKAGE_PARENT],
+            [sys.executable, "-c", _WORKER_COMMAND, str(child_socket.fileno())],
             pass_fds=[child_socket.fileno()],
+            env=_worker_environment(),
             stdin=subprocess.DEVNULL,
         )
     return _Worker(

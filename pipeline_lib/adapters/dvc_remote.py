@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline_lib.redaction import redact, secret_values
+from pipeline_lib.adapters.redaction import redact, secret_values
 
 DEFAULT_REMOTE = "storage"
 PROBE_EVERY_S = 2.0  # how often a running transfer checks that the store still answers

@@ -277,7 +277,7 @@ def compare_summary(baseline: str, arms: Mapping[str, ArmRuns]) -> dict:
         "methods": {
             "accuracy_ci": "t-interval over seeds of the final held-out accuracy",
             "vs_baseline": "paired by seed and prompt; crossed two-way random effects "
-            "(seed, prompt) ANOVA variance with Satterthwaite t (pipeline_lib/compare_stats.py)",
+            "(seed, prompt) ANOVA variance with Satterthwaite t (pipeline_lib/comparison/stats.py)",
             "compute_to_match_baseline": "seed-mean evaluation curve, first crossing of the "
             "baseline's final mean accuracy, linear interpolation; ratio to the baseline's",
         },

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline_lib.prompts import PromptSet
-from pipeline_lib.rewards import grade_batch
+from pipeline_lib.rewards.grading import grade_batch
 from pipeline_lib.rollout.base import Completion, RolloutEngine, SamplingConfig
 
 

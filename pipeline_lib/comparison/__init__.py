@@ -1,0 +1,2 @@
+"""Comparing allocation strategies: arm x seed runs (runs.py), paired statistics
+(stats.py), plots (plots.py)."""

@@ -1,0 +1,2 @@
+"""Benchmark metrics (metrics.py), the stage summaries DVC compares (summary.py), the
+headline table (headline.py)."""
