@@ -104,7 +104,7 @@ def time_call(
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model-dir", type=str, default=None, help="policy checkpoint or GGUF file"
@@ -126,8 +126,11 @@ def main() -> None:
     parser.add_argument(
         "--unseeded", action="store_true", help="seed=None per call (no per-request RNGs)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     from pipeline_lib.rollout.hf_engine import HFGenerateEngine
     from pipeline_lib.rollout.vllm_engine import VLLMEngine
 
@@ -184,6 +187,15 @@ def main() -> None:
                 assert vllm.last_weight_sync_seconds is not None
                 sync_times.append(vllm.last_weight_sync_seconds)
 
+    print_table(args, prompts, rates, cpu_rates, lengths, hf_name)
+    print(
+        f"\nvLLM start-up (incl. warm-up request): {startup:.1f} s; "
+        f"weight sync (median of 3): {statistics.median(sync_times) * 1000:.0f} ms"
+    )
+
+
+def print_table(args, prompts, rates, cpu_rates, lengths, hf_name: str) -> None:
+    """The Markdown table of tokens/s and tokens per CPU-second per shape and engine."""
     budget = args.prompts * args.samples
     lengths_text = f"{min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}"
     print(
@@ -208,10 +220,6 @@ def main() -> None:
             f"| {shape} | {name} | {median:,.0f} | {best:,.0f} | {cpu_median:,.0f} "
             f"| {length:.1f} | {ratio} | {cpu_ratio} |"
         )
-    print(
-        f"\nvLLM start-up (incl. warm-up request): {startup:.1f} s; "
-        f"weight sync (median of 3): {statistics.median(sync_times) * 1000:.0f} ms"
-    )
 
 
 if __name__ == "__main__":

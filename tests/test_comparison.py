@@ -4,6 +4,8 @@ the README table generated from compare.json."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -228,3 +230,31 @@ def test_a_resumed_run_continues_its_mlflow_run_under_the_new_comparison(tmp_pat
     assert client.get_run(resumed).data.tags["mlflow.parentRunId"] == second_parent.info.run_id
     with open_child_run(config, "compare/knapsack/seed0", tags, first_parent, False) as run:
         assert run.run_id != interrupted
+
+
+def _copy_code(root: Path) -> None:
+    for package in ("pipeline_lib", "tasks", "flows"):
+        shutil.copytree(
+            REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+
+
+def test_the_run_key_covers_every_module_the_training_imports(tmp_path):
+    """The code hash follows the import graph: editing a module the training task imports
+    (directly or not, e.g. the config or the atomic-file adapter) changes it; editing a
+    module it does not import (the comparison's plots) does not."""
+    from tasks.compare import code_hash
+
+    _copy_code(tmp_path)
+    before = code_hash(tmp_path)
+    assert code_hash(tmp_path) == before
+    plots = tmp_path / "pipeline_lib" / "comparison" / "plots.py"
+    plots.write_text(plots.read_text() + "\n# not training code\n")
+    assert code_hash(tmp_path) == before
+    for module in ("pipeline_lib/config.py", "pipeline_lib/adapters/atomic.py"):
+        path = tmp_path / module
+        original = path.read_text()
+        path.write_text(original + "\n# changed\n")
+        assert code_hash(tmp_path) != before, module
+        path.write_text(original)
+    assert code_hash(tmp_path) == before

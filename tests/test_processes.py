@@ -34,7 +34,6 @@ CHILD = textwrap.dedent(
 LAUNCHER = textwrap.dedent(
     f"""
     import subprocess, sys, time
-    sys.path.insert(0, {str(ROOT)!r})
     from pipeline_lib.adapters.processes import Supervisor
     mode = sys.argv[1]
     with Supervisor(grace_s=2.0, watchdog=True) as supervisor:
@@ -52,6 +51,7 @@ LAUNCHER = textwrap.dedent(
 def start_launcher(mode: str) -> tuple[subprocess.Popen, str]:
     launcher = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, mode],
+        cwd=ROOT,  # `python -c` puts the working directory first on the path
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,  # a process group of its own, like a shell job

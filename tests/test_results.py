@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -144,12 +145,42 @@ def test_each_number_has_one_name_in_dvc_metrics(tmp_path, monkeypatch):
     ]
 
 
+def committed_metrics(name: str) -> dict:
+    """metrics/<name> as committed at HEAD (the reference run), not as the working tree
+    holds it: `make run` rewrites metrics/, and on another CPU its floats differ."""
+    try:
+        text = subprocess.run(
+            ["git", "show", f"HEAD:metrics/{name}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: the files as they are
+        text = (REPO_ROOT / "metrics" / name).read_text()
+    return json.loads(text)
+
+
+def test_the_reference_numbers_come_from_git_not_from_the_working_tree():
+    """A `make run` that rewrote metrics/summary.json (another CPU's floats) leaves the
+    committed reference, which the README's tests read, as it was."""
+    path = REPO_ROOT / "metrics" / "summary.json"
+    original = path.read_text()
+    committed = committed_metrics("summary.json")
+    try:
+        path.write_text(json.dumps({key: value + 0.1 for key, value in committed.items()}))
+        assert committed_metrics("summary.json") == committed
+        test_readme_results_table_is_the_committed_reference_run()
+    finally:
+        path.write_text(original)
+
+
 def test_committed_metrics_hold_each_number_once():
     """The committed reference run in the same shape: eval.json leaves the main benchmark's
     accuracy and interval to summary.json, which repeats every number of train.json."""
-    summary = json.loads((REPO_ROOT / "metrics" / "summary.json").read_text())
-    details = json.loads((REPO_ROOT / "metrics" / "eval.json").read_text())
-    train = json.loads((REPO_ROOT / "metrics" / "train.json").read_text())
+    summary = committed_metrics("summary.json")
+    details = committed_metrics("eval.json")
+    train = committed_metrics("train.json")
     for policy in ("start", "knapsack", "uniform"):
         assert not set(HEADLINE_KEYS) & set(details[policy]["arithmetic"]), policy
         assert {f"{policy}_{key}" for key in HEADLINE_KEYS} <= set(summary), policy
@@ -307,8 +338,8 @@ def test_parent_run_spans_the_stages_and_carries_the_answer(config, tmp_path):
 def test_readme_results_table_is_the_committed_reference_run():
     """The README's table shows what `make results` prints for the committed metrics
     (a new reference run must update both)."""
-    summary = json.loads((REPO_ROOT / "metrics" / "summary.json").read_text())
-    timing = json.loads((REPO_ROOT / "metrics" / "timing.json").read_text())
+    summary = committed_metrics("summary.json")
+    timing = committed_metrics("timing.json")
     expected = headline_rows(summary | timing, ["knapsack", "uniform"])
     readme = (REPO_ROOT / "README.md").read_text()
     # The headline table: the first one under the column header `make results` prints
