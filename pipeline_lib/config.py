@@ -78,7 +78,7 @@ class TinyModelParams(Section):
 
 
 def _default_level_weights() -> dict[int, float]:
-    # Measured (scripts/measure_sft.py): with 4,4,2,2,1,1 levels 1-3 saturate while
+    # Measured (bench/measure_sft.py): with 4,4,2,2,1,1 levels 1-3 saturate while
     # 4-5 stay near 0.1; shifting weight from level 3 to levels 4-5 spreads them out.
     return {1: 4.0, 2: 4.0, 3: 1.0, 4: 2.0, 5: 2.0, 6: 1.0}
 

@@ -144,7 +144,8 @@ def test_no_credentials_are_committed() -> None:
 
 def test_every_server_command_binds_loopback_by_default() -> None:
     """`--host X` in the Makefile and scripts is 127.0.0.1; Compose publishes on 127.0.0.1."""
-    texts = {p: p.read_text() for p in [REPO_ROOT / "Makefile", *tracked_files("scripts/*.py")]}
+    tooling = tracked_files("ops/*.py", "bench/*.py")
+    texts = {p: p.read_text() for p in [REPO_ROOT / "Makefile", *tooling]}
     hosts = []
     for path, text in texts.items():
         hosts += [(path.name, h) for h in re.findall(r"--host[\"',\s=]+([\w.$()\-]+)", text)]

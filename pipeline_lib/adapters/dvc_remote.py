@@ -42,7 +42,7 @@ SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "passwo
 # Failures that no retry will fix (AWS error codes and DVC messages, matched in stderr).
 PERMANENT_FAILURES = {
     "NoSuchBucket": "the bucket does not exist: create it first "
-    "(scripts/setup_s3_remote.py --create-bucket; `dvc push` does not create buckets)",
+    "(`python -m ops.setup_s3_remote --create-bucket`; `dvc push` does not create buckets)",
     "InvalidAccessKeyId": "the access key is unknown to the store: check AWS_ACCESS_KEY_ID",
     "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
     "Unable to locate credentials": "no credentials: set AWS_ACCESS_KEY_ID and "
@@ -50,7 +50,7 @@ PERMANENT_FAILURES = {
     "Forbidden": "the store refused the credentials (403): check AWS_ACCESS_KEY_ID, "
     "AWS_SECRET_ACCESS_KEY and the bucket's permissions",
     "AccessDenied": "the store refused the credentials: check the key and the bucket's policy",
-    "no remote specified": "no DVC remote configured: run scripts/setup_s3_remote.py",
+    "no remote specified": "no DVC remote configured: run `python -m ops.setup_s3_remote`",
     "config file error": "the DVC configuration is invalid",
 }
 
@@ -182,7 +182,8 @@ def read_remote(repo_dir: str | Path, name: str | None = None) -> S3Remote:
     name = name or conf["core"].get("remote")
     if not name:
         raise StorageError(
-            f"no default DVC remote in {repo_dir}: run scripts/setup_s3_remote.py", transient=False
+            f"no default DVC remote in {repo_dir}: run `python -m ops.setup_s3_remote`",
+            transient=False,
         )
     section = conf["remote"].get(name)
     if section is None:

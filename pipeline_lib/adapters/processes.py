@@ -1,6 +1,6 @@
 """Stop everything a launcher started: on normal exit, on an error, on Ctrl-C and on SIGTERM.
 
-A launcher (scripts/with_prefect_server.py, scripts/deploy_smoke.py, a test fixture)
+A launcher (ops/with_prefect_server.py, the deployment smoke test, a test fixture)
 opens a `Supervisor`. It marks its environment with a launch id: the variable
 `LAUNCH_ENV` holds the ids of every enclosing launcher, colon-separated, and every
 process started below it inherits it, also those that start their own session
