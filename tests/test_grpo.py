@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pipeline_lib.grpo import (
     aggregate_loss,
+    aggregation_count,
     effective_gradient_ratio,
     group_advantages,
     group_ids_from_sizes,
@@ -207,6 +208,36 @@ def test_k3_kl_is_zero_when_reference_equals_policy_and_positive_otherwise():
     assert (kl_k3(logprobs, logprobs + torch.randn(3, 4)) >= 0).all()
 
 
+def test_k3_kl_is_capped_at_10_with_zero_gradient_beyond_the_cap_as_verl():
+    """verl's low_var_kl: d = ref - logp clamped to [-20, 20], then exp(d) - d - 1
+    clamped to [-10, 10]. Within the cap the gradient in logp is 1 - exp(d); beyond
+    it (d > 2.61 or d < -11, and d = 50 past the log-ratio clamp) value 10, gradient 0."""
+    d = [0.5, -0.5, 2.5, 3.0, -10.5, -12.0, 50.0]
+    logprobs = torch.full((1, len(d)), -1.0, requires_grad=True)
+    ref = logprobs.detach() + torch.tensor([d])
+    kl = kl_k3(logprobs, ref)
+    kl.sum().backward()
+    k3 = [math.exp(x) - x - 1 for x in d[:3]] + [10.0, math.exp(-10.5) + 9.5, 10.0, 10.0]
+    grad = [1 - math.exp(x) for x in d[:3]] + [0.0, 1 - math.exp(-10.5), 0.0, 0.0]
+    torch.testing.assert_close(kl, torch.tensor([k3]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([grad]), rtol=1e-6, atol=1e-6)
+    assert logprobs.grad[0, 3] == 0.0 and logprobs.grad[0, 5] == 0.0  # exactly, not small
+
+
+def test_k3_kl_in_the_loss_adds_at_most_kl_coef_times_10_per_token():
+    """A policy drifted far from the reference: the KL term is the cap, not exp(d)."""
+    logprobs = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.zeros(2)
+    loss, info = policy_loss(
+        logprobs, logprobs.detach(), adv, mask, ref_logprobs=torch.full((2, 3), 8.0), kl_coef=0.5
+    )
+    assert info["kl_ref"] == pytest.approx(10.0)
+    assert loss.item() == pytest.approx(5.0)
+    loss.backward()
+    assert torch.count_nonzero(logprobs.grad) == 0
+
+
 def test_gradient_flows_only_through_logprobs():
     logprobs, old, advantages, mask = two_by_three_batch()
     old = old.clone().requires_grad_(True)
@@ -227,3 +258,31 @@ def test_aggregate_loss_ignores_fully_masked_sequences_in_seq_mean():
     assert aggregate_loss(loss_mat, mask, "token-mean").item() == 3.0
     with pytest.raises(ValueError, match="unknown"):
         aggregate_loss(loss_mat, mask, "seq-sum")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("mode", "count"),
+    [("token-mean", 5.0), ("seq-mean-token-mean", 2.0), ("seq-mean-token-sum-norm", 1.0)],
+)
+def test_aggregation_count_is_what_aggregate_loss_divides_by(mode, count):
+    """Rows with tokens 3, 0 (an empty response) and 2: the means leave the empty row out."""
+    loss_mat = torch.tensor([[1.0, 2.0, 3.0], [50.0, 50.0, 50.0], [4.0, 6.0, 70.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    assert aggregation_count(mask, mode).item() == count
+    expected = {
+        "token-mean": (1 + 2 + 3 + 4 + 6) / 5,
+        "seq-mean-token-mean": (2.0 + 5.0) / 2,
+        "seq-mean-token-sum-norm": (1 + 2 + 3 + 4 + 6) / 3,
+    }[mode]
+    assert aggregate_loss(loss_mat, mask, mode).item() == pytest.approx(expected)
+    # Rows as parts weighted count(part) / count(all) add up to the whole.
+    parts = sum(
+        aggregate_loss(loss_mat[i : i + 1], mask[i : i + 1], mode, seq_sum_norm=3.0)
+        * aggregation_count(mask[i : i + 1], mode)
+        / count
+        for i in range(3)
+    )
+    assert parts.item() == pytest.approx(expected)
+    assert aggregate_loss(loss_mat, torch.zeros_like(mask), mode).item() == 0.0
+    with pytest.raises(ValueError, match="unknown"):
+        aggregation_count(mask, "seq-sum")  # type: ignore[arg-type]
