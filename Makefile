@@ -77,6 +77,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.allocation
 
+# docs/configuration.md, generated from the params models in pipeline_lib/config.py
+# (tests/test_docs.py fails when it is stale).
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m ops.config_doc
+
 # Kill, starve and cut off the pipeline on loopback (issue 11.4): bounded counts, every
 # process stopped by PID; the last line is `fault trials: N passed, M failed`. Root is
 # needed for the disk-full trial's tmpfs mount. FAULT_ARGS="--only malformed" for a subset.

@@ -255,7 +255,7 @@ def test_mlflow_link_points_at_the_experiments_training_view(tmp_path):
 
 
 def test_mlflow_link_finds_the_newest_comparison_and_charts_its_children(tmp_path):
-    from mlflow_link import chart_url, newest_comparison
+    from ops.mlflow_link import chart_url, newest_comparison
 
     store = tmp_path / "mlflow.db"
     with sqlite3.connect(store) as db:
