@@ -16,7 +16,7 @@ the trained policy's, and the gain. The variants were fixed before any result wa
     E  seed 0, 2 threads, SFT for a fixed (A's stop - 20) steps, no target
     F  seed 0, 2 threads, SFT for a fixed (A's stop + 20) steps, no target
 
-`--set` adds overrides to every variant (e.g. train.backend=hf, which the README's
+`--set` adds overrides to every variant (e.g. train.backend=hf, which docs/pipeline.md's
 table used to fit the check on 2 cores). Prints a Markdown table at the end.
 """
 

@@ -37,7 +37,7 @@ last_number`); the TRL side has a pure-Python copy of that rule.
 
 Each side runs in a subprocess of its own, one after the other, with
 the same OpenMP waits (`--openmp project`: this project's OMP_WAIT_POLICY=PASSIVE and
-GOMP_SPINCOUNT=1000, README: CPU threads under contention; `passive`: no spin;
+GOMP_SPINCOUNT=1000, docs/benchmarks.md: CPU threads under contention; `passive`: no spin;
 `runtime`: libgomp's default spin, GOMP_SPINCOUNT=300000) and 2 torch threads
 (`--threads`; vLLM's engine process picks its own, as in the train stage). Reported:
 the median seconds per step over steps warmup+1 .. steps-1 (the first steps warm

@@ -4,7 +4,7 @@
 
 DVC writes a stage's dvc.lock entry after the stage's process has ended, so a stage
 cannot log the lock that pins its own outputs. This gives the parent run (artifact
-`dvc/dvc.lock`, the one the README's restore recipe downloads) and each of its stage
+`dvc/dvc.lock`, the one docs/deployments.md's restore recipe downloads) and each of its stage
 runs (`pipeline/dvc.lock`) the final file. No parent run for this configuration and
 commit (nothing ran): it says so and does nothing.
 """

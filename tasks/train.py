@@ -211,7 +211,7 @@ def _write_outputs(result: TrainingResult, output_dir: Path, tracker: Tracker) -
     """steps.csv and train_summary.json beside the policy; all of it to MLflow.
 
     The files beside the policy leave out wall-clock numbers, so that a rerun's
-    models/trained is bit-identical (README, Reproducibility); MLflow gets the whole
+    models/trained is bit-identical (docs/operations.md, Reproducibility); MLflow gets the whole
     table, timings included, and the returned summary has the timings for
     metrics/timing.json.
     """

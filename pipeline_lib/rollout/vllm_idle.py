@@ -5,7 +5,7 @@ After each read its reader keeps polling the buffer with `sched_yield` for
 `SpinCondition.busy_loop_s` (1 s) before it waits on a socket
 (vllm/distributed/device_communicators/shm_broadcast.py). With a GPU that spin is
 cheap latency insurance; on a 2-core CPU machine it takes the cores the GRPO update
-needs for a second after every generate (README: the live engine cost the update
+needs for a second after every generate (docs/benchmarks.md: the live engine cost the update
 19-41 %). vLLM runs every `vllm.general_plugins` entry point (pyproject.toml) in each
 of its processes; `register` caps the spin there at `IDLE_SPIN_ENV` seconds, which
 `VLLMEngine` sets on CPU machines. Unset, vLLM's own spin stays.

@@ -12,7 +12,7 @@ import pandas as pd
 # (metrics/summary.json); the curve of the in-training one is metrics/curves/accuracy.csv.
 TRAIN_METRICS = {"mean_effective_gradient_ratio": "effective_gradient_ratio"}
 # Wall-clock numbers differ on every run, so they get a file of their own: every other
-# output of a run is bit-identical on the same machine (README, Reproducibility).
+# output of a run is bit-identical on the same machine (docs/operations.md, Reproducibility).
 TIMING = Path("metrics/timing.json")
 TIMING_METRICS = {
     "rollout_tokens_per_second": "rollout_tokens_per_second",
