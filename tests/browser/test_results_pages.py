@@ -1,7 +1,7 @@
 """The results as a person opens them, in headless Chromium with no network beyond loopback:
-the DVC plots page draws its charts offline, the MLflow experiment opens on its training
-runs, the MLflow chart view draws a comparison's arm x seed runs, the Prefect UI (on a
-non-default port) lists the flow runs.
+plain `dvc plots show`'s page draws its charts offline, the MLflow experiment opens on its
+training runs, the MLflow chart view draws a comparison's arm x seed runs, the Prefect UI
+(on a non-default port) lists the flow runs.
 
 On failure the page's screenshot is saved under test-artifacts/browser/.
 """
@@ -22,19 +22,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import ARTIFACTS
-from tests.conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from mlflow_link import chart_url, experiment_url  # noqa: E402
-from mlflow_screenshot import (  # noqa: E402
+from ops.mlflow_link import chart_url, experiment_url
+from ops.mlflow_screenshot import (
     CLOSE_ASSISTANT_JS,
     SCROLL_TO_TOP_JS,
     show_only_charts,
     stop,
     wait_for_charts,
 )
-from mlflow_screenshot import mlflow_ui as mlflow_ui_server  # noqa: E402
+from ops.mlflow_screenshot import mlflow_ui as mlflow_ui_server
+from ops.plots_offline import TEMPLATE
+from tests.browser.conftest import ARTIFACTS
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.browser]
 
@@ -67,11 +66,15 @@ def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> float:
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def test_dvc_plots_page_draws_both_charts_offline(browser, tmp_path):
+def test_plain_dvc_plots_show_draws_both_charts_offline(browser, tmp_path):
+    """`dvc plots show` with no options takes .dvc/config's template (written by `make
+    install`): the page loads no script from elsewhere and, with no network, draws a
+    chart per plot with a legend entry per strategy."""
+    assert (REPO_ROOT / TEMPLATE).is_file(), f"no {TEMPLATE}: `make install` writes it"
     out = tmp_path / "dvc_plots"
     env = os.environ | QUIET | {"PATH": f"{BIN}:{os.environ['PATH']}"}
     subprocess.run(
-        [sys.executable, "scripts/plots_offline.py", "-o", str(out)],
+        [f"{BIN}/dvc", "plots", "show", "-o", str(out)],
         cwd=REPO_ROOT,
         env=env,
         check=True,
@@ -103,8 +106,9 @@ def tracking_uri_unset() -> Iterator[None]:
 def mlflow_ui(tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
     """An MLflow store holding one pipeline run made by the stage code, served by
     `mlflow ui`; yields (UI base, store, experiment)."""
+    from pipeline_lib.adapters.mlflow_runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from pipeline_lib.config import load_config
-    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
+    from tasks.tracking import stage_run
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -159,10 +163,15 @@ def mlflow_comparison(tmp_path_factory) -> Iterator[tuple[str, Path, str, str]]:
     """An MLflow store holding one comparison made by the compare stage's code: the parent
     run from `comparison_run`, a child per arm x seed opened as `train_arm_seed` opens it,
     served by `mlflow ui`; yields (UI base, store, experiment, parent run id)."""
+    from pipeline_lib.adapters.mlflow_runs import (
+        ARM_TAG,
+        EXPERIMENT_KIND,
+        EXPERIMENT_KIND_TAG,
+        SEED_TAG,
+        comparison_run,
+    )
+    from pipeline_lib.adapters.mlflow_tracker import start_run
     from pipeline_lib.config import load_config
-    from pipeline_lib.tracking import start_run
-    from tasks.compare import ARM_TAG, SEED_TAG, comparison_run
-    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     root = tmp_path_factory.mktemp("mlflow_comparison")
     uri = f"sqlite:///{root / 'mlflow.db'}"
