@@ -36,6 +36,7 @@ from tasks.compare import (
     write_comparison,
 )
 from tasks.engines import open_engine
+from tasks.train import check_training_pool
 
 METRICS_PATH = Path("metrics/compare.json")
 PLOTS_DIR = Path("metrics/compare")
@@ -44,6 +45,7 @@ PLOTS_DIR = Path("metrics/compare")
 def shared_inputs(config: PipelineConfig) -> RunInputs:
     """The start policy, data and code every run of this comparison starts from."""
     prepared = Path(config.prepare.output_dir)
+    check_training_pool(config, prepared / TRAIN_FILE)  # before any engine starts
     return run_inputs(config, prepared / TRAIN_FILE, heldout_table(prepared))
 
 

@@ -22,7 +22,7 @@ from pipeline_lib.training.plots import training_curves
 from tasks.engines import open_engine
 from tasks.hashing import content_hash
 from tasks.tracking import stage_run
-from tasks.train import train_strategy
+from tasks.train import check_training_pool, train_strategy
 
 
 @flow(name="train", log_prints=True)
@@ -31,6 +31,7 @@ def train(params_path: str = "params.yaml", overrides: dict | None = None) -> di
     config = load_stage_config(params_path, overrides)
     prepared = Path(config.prepare.output_dir)
     train_path, heldout_path = prepared / TRAIN_FILE, heldout_table(prepared)
+    check_training_pool(config, train_path)  # before the engine starts
     start = config.bootstrap.output_dir
     start_hash = content_hash(start)
     data_hash = content_hash(train_path) + content_hash(heldout_path)

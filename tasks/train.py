@@ -39,10 +39,16 @@ from pipeline_lib.training import (
 )
 from pipeline_lib.training.compute import is_wall_clock
 from pipeline_lib.training.loop import HeldoutEvaluator
+from pipeline_lib.training.steps import check_step_fits_pool
 from pipeline_lib.update import LocalUpdater, Updater, UpdateSettings
 
 STATE_ROOT = Path("outputs/train_state")
 TRAIN_KEY_TAG = "knapsack_rl.train_key"
+
+
+def check_training_pool(config: PipelineConfig, train_path: str | Path) -> None:
+    """Fail before any compute (engine start, model load) when a step cannot fit the pool."""
+    check_step_fits_pool(len(read_prompts(train_path)), config.train.prompts_per_step)
 
 
 def prompt_set(path: str, tokenizer, config: PipelineConfig) -> PromptSet:
@@ -171,6 +177,7 @@ def run_training(
     state. Writes steps.csv and train_summary.json (and the policy, unless told not
     to) into `output_dir`.
     """
+    check_training_pool(config, inputs.train_path)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     model, tokenizer = load_policy(inputs.start_policy)

@@ -13,6 +13,7 @@ from pipeline_lib.training.compute import StepSeconds, accumulate, step_compute
 from pipeline_lib.training.steps import (
     advantages,
     allocate,
+    check_step_fits_pool,
     collect,
     heldout_accuracy,
     record_status,
@@ -218,3 +219,9 @@ def test_cumulative_compute_adds_to_the_previous_record_and_sums_seconds():
     second = accumulate(first, step)
     assert second["compute/update_tokens_total"] == 4.0
     assert second["compute/seconds_total"] == 15.0
+
+
+def test_a_step_must_fit_the_pool():
+    check_step_fits_pool(64, 64)
+    with pytest.raises(ValueError, match="prompts_per_step 65 exceeds the 64 prompts"):
+        check_step_fits_pool(64, 65)

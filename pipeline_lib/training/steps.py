@@ -33,6 +33,17 @@ from pipeline_lib.tracking import Tracker
 from pipeline_lib.training.plots import allocation_histogram, calibration_plot
 
 
+def check_step_fits_pool(num_prompts: int, prompts_per_step: int) -> None:
+    """Refuse a step larger than the pool: every epoch visits each prompt once, so a step
+    cannot draw more distinct prompts than the pool holds (it would silently train on
+    the whole pool at a budget nobody asked for)."""
+    if prompts_per_step > num_prompts:
+        raise ValueError(
+            f"train.prompts_per_step {prompts_per_step} exceeds the {num_prompts} prompts of "
+            "the training pool: lower train.prompts_per_step or prepare more prompts"
+        )
+
+
 def step_prompts(
     num_prompts: int, step: int, prompts_per_step: int, seed: int
 ) -> tuple[int, np.ndarray]:

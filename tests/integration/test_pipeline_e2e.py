@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -151,3 +152,25 @@ def test_bad_param_fails_before_any_compute(project):
     assert result.returncode == 2
     assert "unknown key 'train.stepz'" in result.stderr
     assert "Starting temporary server" not in result.stderr + result.stdout
+
+
+def test_a_step_larger_than_the_pool_fails_before_the_engine_starts(project, first_repro):
+    """`-S train.prompts_per_step=100000` on the prepared pool is refused, naming both
+    numbers, before a model is loaded or an engine started (it used to train a huge step)."""
+    root, env = project
+    pool = len(pd.read_parquet(root / "data/prepared/train.parquet"))
+    trained = root / "models/trained/knapsack/model.safetensors"
+    before = trained.stat().st_mtime_ns
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.train", "-S", "train.prompts_per_step=100000"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"prompts_per_step 100000 exceeds the {pool} prompts" in output
+    assert "GRPO [" not in output and "Loading weights" not in output
+    assert trained.stat().st_mtime_ns == before
