@@ -153,11 +153,14 @@ class BootstrapConfig(Section):
 StrategyName = Literal[
     "knapsack",
     "uniform",
+    "uniform-0.5x",
     "uniform-2x",
+    "uniform-4x",
     "dynamic-sampling",
     "knapsack-no-fallback",
     "knapsack-gradient-only",
     "knapsack-official",
+    "knapsack-equal-weight",
 ]
 
 
@@ -169,10 +172,11 @@ class TrainConfig(Section):
         min_length=1,
         description="Allocation strategies to train (pipeline_lib/allocation/strategies.py): "
         "knapsack, "
-        "uniform (same budget), uniform-2x (twice the budget), dynamic-sampling (DAPO: refill "
+        "uniform (same budget), uniform-0.5x / uniform-2x / uniform-4x (the uniform "
+        "dose-response: that multiple of the budget), dynamic-sampling (DAPO: refill "
         "until prompts_per_step groups have mixed rewards); ablations: knapsack-no-fallback, "
         "knapsack-gradient-only (value = P(non-zero gradient)), knapsack-official (the "
-        "paper code's rules).",
+        "paper code's rules), knapsack-equal-weight (group_weighting: equal).",
     )
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
     prompts_per_step: int = Field(64, gt=0, description="M: prompts drawn per step.")
@@ -266,11 +270,18 @@ class TrainConfig(Section):
         description="Weight of the k3 KL to a frozen reference (the start policy), added "
         "per token. > 0 keeps a second copy of the weights (no optimiser state) in memory.",
     )
+    group_weighting: Literal["rollouts", "equal"] = Field(
+        "rollouts",
+        description="Each group's weight in the loss: 'rollouts' (token-mean over the batch, "
+        "as verl: a group weighs as many rollouts as it has) or 'equal' (each group's loss "
+        "times N_avg / its size, so a large knapsack group does not outweigh a small one).",
+    )
     ppo_mini_batches: int = Field(
         1,
         ge=1,
         description="Rollout rows split into this many mini-batches, one optimizer step "
-        "each; with more than one step the PPO clip acts on the ratio to the old policy.",
+        "each (rows shuffled across groups first); with more than one step the PPO clip "
+        "acts on the ratio to the old policy.",
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over the mini-batches per step.")
     tis_cap: float | None = Field(

@@ -136,6 +136,30 @@ def group_advantages(
     return advantages.to(rewards.dtype)
 
 
+def group_loss_weights(group_ids: Tensor, rollouts_per_prompt: int) -> Tensor:
+    """Per-response weights N_avg / n_g that give every group the same total weight.
+
+    Token-mean over a batch weighs a group by its size: a 96-rollout group counts 12x an
+    8-rollout one, so an allocation that varies group sizes changes the objective's
+    weights as well as its information. Multiplying each response's loss by these
+    weights (`group_weighting: equal`) separates the two. The PPO-clip loss is linear in
+    the advantage for a positive factor, so scaling the advantages by the weights is the
+    same as scaling the per-token losses.
+
+    Args:
+        group_ids: LongTensor[B], the group of each response.
+        rollouts_per_prompt: N_avg.
+
+    Returns:
+        FloatTensor[B], N_avg / size of the response's group.
+    """
+    _, inverse, num_groups = _group_index(group_ids)
+    sizes = torch.zeros(num_groups, dtype=torch.float32).index_add(
+        0, inverse, torch.ones(inverse.numel(), dtype=torch.float32)
+    )
+    return float(rollouts_per_prompt) / sizes[inverse]
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over positions where ``mask`` is 1; 0 for an empty mask.
 

@@ -44,7 +44,8 @@ def test_unknown_key_names_it_and_the_allowed_keys():
 
 def test_bad_value_names_key_and_allowed_values():
     with pytest.raises(
-        ConfigError, match=r"train.strategies.0.*'knapsack', 'uniform', 'uniform-2x'"
+        ConfigError,
+        match=r"train.strategies.0.*'knapsack', 'uniform', 'uniform-0.5x', 'uniform-2x'",
     ):
         parse_config({"train": {"strategies": ["greedy"]}})
 

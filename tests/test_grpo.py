@@ -15,6 +15,7 @@ from pipeline_lib.grpo import (
     effective_gradient_ratio,
     group_advantages,
     group_ids_from_sizes,
+    group_loss_weights,
     kl_k3,
     policy_loss,
 )
@@ -286,3 +287,34 @@ def test_aggregation_count_is_what_aggregate_loss_divides_by(mode, count):
     assert aggregate_loss(loss_mat, torch.zeros_like(mask), mode).item() == 0.0
     with pytest.raises(ValueError, match="unknown"):
         aggregation_count(mask, "seq-sum")  # type: ignore[arg-type]
+
+
+def test_equal_group_weighting_matches_a_loop_over_groups():
+    """Token-mean with advantages scaled by N_avg / n_g equals the loop oracle: each group's
+    token losses times N_avg / n_g, summed, over all tokens; every group then carries the
+    same total weight whatever its size."""
+    torch.manual_seed(0)
+    sizes = [2, 8, 30]
+    group_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    rows, tokens = int(sum(sizes)), 5
+    advantages = torch.randn(rows)
+    logprobs = torch.randn(rows, tokens, requires_grad=True)
+    old = logprobs.detach() + 0.1 * torch.randn(rows, tokens)
+    mask = (torch.rand(rows, tokens) > 0.2).float()
+    weights = group_loss_weights(group_ids, 8)
+    assert torch.allclose(weights[group_ids == 1], torch.ones(8))
+    assert torch.allclose(weights[:2], torch.full((2,), 4.0))
+    loss, _ = policy_loss(logprobs, old, advantages * weights, mask, aggregation="token-mean")
+    expected = torch.zeros(())
+    for g, size in enumerate(sizes):
+        rows_g = group_ids == g
+        per_token, _ = policy_loss(
+            logprobs[rows_g],
+            old[rows_g],
+            advantages[rows_g],
+            mask[rows_g],
+            aggregation="token-mean",
+        )
+        expected = expected + per_token * mask[rows_g].sum() * (8 / size)
+    expected = expected / mask.sum()
+    assert torch.allclose(loss, expected, atol=1e-6)

@@ -39,11 +39,14 @@ def test_the_registry_holds_exactly_the_names_params_accepts():
     [
         ("knapsack", 48),
         ("uniform", 48),
+        ("uniform-0.5x", 24),
         ("uniform-2x", 96),
+        ("uniform-4x", 192),
         ("dynamic-sampling", 48),  # per round; every round's prompts get N_avg each
         ("knapsack-no-fallback", 48),
         ("knapsack-gradient-only", 48),
         ("knapsack-official", 48),
+        ("knapsack-equal-weight", 48),
     ],
 )
 def test_each_strategy_spends_its_budget_multiple_of_prompts_times_n_avg(strategy, budget):
@@ -136,3 +139,25 @@ def test_unknown_and_duplicate_names_are_refused():
         get_strategy("greedy")
     with pytest.raises(ValueError, match="registered twice"):
         register("uniform")(lambda r: None)
+
+
+def test_fractional_budgets_round_to_whole_rollouts_and_keep_one_per_prompt():
+    """0.5 x 6 prompts x 8 = 24 rollouts, 4 each; an odd product rounds (0.5 x 5 x 3 = 7.5
+    -> 8, Python's round-half-even), and a budget never falls below one per prompt."""
+    half = get_strategy("uniform-0.5x")
+    assert half.allocate(request("uniform-0.5x")).rollouts.tolist() == [4] * 6
+    odd = TrainConfig(prompts_per_step=5, rollouts_per_prompt=3, min_rollouts=1, max_rollouts=8)
+    assert half.budget_rollouts(odd) == 8
+    thin = TrainConfig(prompts_per_step=5, rollouts_per_prompt=1, min_rollouts=1, max_rollouts=8)
+    assert half.budget_rollouts(thin) == 5
+    assert get_strategy("uniform-4x").budget_rollouts(CONFIG) == 4 * 48
+
+
+def test_knapsack_equal_weight_allocates_as_knapsack_and_only_reweights_groups():
+    plain, equal = get_strategy("knapsack"), get_strategy("knapsack-equal-weight")
+    assert equal.configure(CONFIG).group_weighting == "equal"
+    assert plain.configure(CONFIG).group_weighting == "rollouts"
+    assert np.array_equal(
+        plain.allocate(request("knapsack")).rollouts,
+        equal.allocate(request("knapsack-equal-weight")).rollouts,
+    )

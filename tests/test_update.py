@@ -249,12 +249,32 @@ def test_clipping_acts_on_the_second_mini_batch_after_a_large_step(policy_and_ba
     assert _weights_equal(one_step, one_loose)  # one step: the clip cannot act
 
 
-def test_mini_batches_split_the_rows_into_steps(policy_and_batch):
+def test_mini_batches_shuffle_the_rows_across_groups_in_each_pass(policy_and_batch):
+    """Several mini-batches: every pass covers each row once, in a seeded order that mixes
+    the groups (a prompt's rows do not stay together) and differs between passes."""
     _, batch = policy_and_batch
     settings = UpdateSettings(ppo_mini_batches=3, ppo_epochs=2)
     parts = mini_batches(batch, settings)
-    assert [p.tolist() for p in parts[:3]] == [[0, 1, 2], [3, 4], [5, 6]]
-    assert [p.tolist() for p in parts[3:]] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [len(p) for p in parts] == [3, 2, 2, 3, 2, 2]
+    first, second = torch.cat(parts[:3]), torch.cat(parts[3:])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(batch.rows))
+    assert first.tolist() != list(range(batch.rows)) and first.tolist() != second.tolist()
+    again = mini_batches(batch, settings)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))  # seeded
+    other = mini_batches(dataclasses.replace(batch, shuffle_seed=1), settings)
+    assert not all(torch.equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def test_one_mini_batch_keeps_the_rows_in_order_so_the_full_batch_gradient(policy_and_batch):
+    """With one optimizer step the shuffle is skipped: the update is exactly the full-batch
+    step whatever the shuffle seed."""
+    model, batch = policy_and_batch
+    assert [p.tolist() for p in mini_batches(batch, UpdateSettings(ppo_epochs=2))] == [
+        list(range(batch.rows))
+    ] * 2
+    first, _ = _update(model, dataclasses.replace(batch, shuffle_seed=0))
+    second, _ = _update(model, dataclasses.replace(batch, shuffle_seed=7))
+    assert _weights_equal(first, second)
 
 
 def test_truncated_importance_weights_act_per_token_and_vanish_on_policy(policy_and_batch):

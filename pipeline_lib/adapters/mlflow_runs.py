@@ -54,6 +54,9 @@ STRATEGY_COLORS = {
     "knapsack-no-fallback": "#ff7f0e",
     "knapsack-gradient-only": "#8c564b",
     "knapsack-official": "#e377c2",
+    "uniform-0.5x": "#17becf",
+    "uniform-4x": "#393b79",
+    "knapsack-equal-weight": "#bcbd22",
 }
 # Where `make mlflow-ui` serves the UI; links in Prefect and in run descriptions use it.
 MLFLOW_UI_ENV = "KNAPSACK_RL_MLFLOW_UI"

@@ -6,7 +6,9 @@ an `AllocationResult` (rollouts per prompt), registered under its name with
 what the training loop needs to know:
 
 - `budget_multiplier`: the step's budget is multiplier x prompts_per_step x N_avg
-  rollouts (`uniform-2x` spends twice what the others spend);
+  rollouts, rounded to a whole rollout (`uniform-2x` spends twice what the others
+  spend, `uniform-0.5x` half: the uniform dose-response that every other arm's
+  compute is measured in);
 - `refill`: the step samples in rounds (DAPO's dynamic sampling, see
   `training.steps.sample_step`): each round draws prompts_per_step new prompts,
   allocates them with the function, and the step stops once prompts_per_step
@@ -62,13 +64,15 @@ class Strategy:
 
     name: str
     allocate: AllocateFn
-    budget_multiplier: int = 1
+    budget_multiplier: float = 1.0
     refill: bool = False
     settings: Mapping[str, Any] = field(default_factory=dict)
 
     def budget_rollouts(self, config: TrainConfig) -> int:
-        """The step's (or each round's) rollout budget."""
-        return self.budget_multiplier * config.prompts_per_step * config.rollouts_per_prompt
+        """The step's (or each round's) rollout budget, at least one rollout per prompt."""
+        rollouts = config.prompts_per_step * config.rollouts_per_prompt
+        budget = round(self.budget_multiplier * rollouts)
+        return max(budget, config.prompts_per_step)
 
     def configure(self, config: TrainConfig) -> TrainConfig:
         """`config` with the settings this strategy fixes (validated like params.yaml)."""
@@ -83,7 +87,7 @@ STRATEGIES: dict[str, Strategy] = {}
 def register(
     name: str,
     *,
-    budget_multiplier: int = 1,
+    budget_multiplier: float = 1.0,
     refill: bool = False,
     settings: Mapping[str, Any] | None = None,
 ) -> Callable[[AllocateFn], AllocateFn]:
@@ -123,6 +127,9 @@ def get_strategy(name: str) -> Strategy:
     settings={"rollout_value": "gradient", "allocation_rules": "exact", "budget_unit": "rollouts"},
 )
 @register("knapsack-no-fallback", settings={"fallback_confidence": None, "budget_unit": "rollouts"})
+# Same information, groups weighted equally in the loss: separates knapsack's information
+# from the reweighting that its uneven group sizes bring under token-mean.
+@register("knapsack-equal-weight", settings={"group_weighting": "equal"})
 @register("knapsack")
 def knapsack(request: AllocationRequest) -> AllocationResult:
     """Knapsack RL at B = prompts_per_step x N_avg: `allocate_rollouts` with the settings'
@@ -156,10 +163,13 @@ def knapsack(request: AllocationRequest) -> AllocationResult:
     )
 
 
+@register("uniform-4x", budget_multiplier=4)
 @register("uniform-2x", budget_multiplier=2)
+@register("uniform-0.5x", budget_multiplier=0.5)
 @register("uniform")
 def uniform(request: AllocationRequest) -> AllocationResult:
-    """The budget split evenly: N_avg each (uniform), 2 N_avg each (uniform-2x)."""
+    """The budget split evenly: N_avg each (uniform), multiplier x N_avg each (the
+    dose-response arms uniform-0.5x, uniform-2x, uniform-4x)."""
     return AllocationResult(
         uniform_allocate(request.success_rates.size, request.budget_rollouts), 0, 0
     )

@@ -180,7 +180,9 @@ def _train_step(
     )
     started = time.perf_counter()
     completions, row_advantages = update_rows(rollouts, config)
-    update_stats = _update(updater, completions, row_advantages, run.tokenizer.pad_token_id)
+    update_stats = _update(
+        updater, completions, row_advantages, run.tokenizer.pad_token_id, run.seed * 100_003 + step
+    )
     update_seconds = time.perf_counter() - started
     started = time.perf_counter()
     engine.update_weights(run.model.state_dict())
@@ -204,12 +206,13 @@ def _update(
     completions: list[Completion],
     advantages: torch.Tensor,
     pad_token_id: int,
+    shuffle_seed: int,
 ) -> dict[str, float]:
     """One GRPO update on the given rows; none when there are no rows (dynamic sampling
-    found no group with mixed rewards)."""
+    found no group with mixed rewards). `shuffle_seed` orders the PPO mini-batches' rows."""
     if not completions:
         return {"train/optimizer_steps": 0.0}
-    return updater.update(build_update_batch(completions, advantages, pad_token_id))
+    return updater.update(build_update_batch(completions, advantages, pad_token_id, shuffle_seed))
 
 
 def _save(

@@ -19,7 +19,7 @@ import torch
 from pipeline_lib.allocation import AllocationResult, invalidate_short_histories
 from pipeline_lib.allocation.strategies import AllocationRequest, get_strategy
 from pipeline_lib.config import TrainConfig
-from pipeline_lib.grpo import effective_gradient_ratio, group_advantages
+from pipeline_lib.grpo import effective_gradient_ratio, group_advantages, group_loss_weights
 from pipeline_lib.prompts import PromptSet
 from pipeline_lib.rewards.sampling import grade, sample_rewards
 from pipeline_lib.rollout.base import Completion, GenerationStats, RolloutEngine, SamplingConfig
@@ -298,13 +298,17 @@ def record_status(
 
 
 def advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
-    """GRPO advantages float[B], normalised within each prompt's group."""
-    return group_advantages(
+    """GRPO advantages float[B], normalised within each prompt's group; under
+    `group_weighting: equal` scaled by N_avg / group size (`grpo.group_loss_weights`)."""
+    values = group_advantages(
         torch.tensor(batch.rewards, dtype=torch.float32),
         batch.group_ids,
         normalize_std=config.normalize_std,
         clip=config.advantage_clip,
     )
+    if config.group_weighting == "equal":
+        values = values * group_loss_weights(batch.group_ids, config.rollouts_per_prompt)
+    return values
 
 
 def heldout_prompt_scores(

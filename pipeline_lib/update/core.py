@@ -65,6 +65,7 @@ class UpdateBatch:
         the trainer computes it (`score_rows`, before the first optimizer step); None
         when one optimizer step makes the current policy the old one.
     ref_logprobs: FloatTensor[B, L-1] under the frozen reference policy (KL term), or None.
+    shuffle_seed: seeds the row order of the PPO mini-batches (`mini_batches`).
     """
 
     input_ids: torch.Tensor
@@ -75,6 +76,7 @@ class UpdateBatch:
     prompt_lengths: torch.Tensor
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    shuffle_seed: int = 0
 
     @property
     def rows(self) -> int:
@@ -82,7 +84,10 @@ class UpdateBatch:
 
 
 def build_update_batch(
-    completions: Sequence[Completion], advantages: torch.Tensor, pad_token_id: int
+    completions: Sequence[Completion],
+    advantages: torch.Tensor,
+    pad_token_id: int,
+    shuffle_seed: int = 0,
 ) -> UpdateBatch:
     """Stack completions (any prompt lengths) into one right-padded batch."""
     if len(completions) != advantages.numel():
@@ -103,7 +108,15 @@ def build_update_batch(
         response[row, prompt_len - 1 : total - 1] = 1.0
         sampled[row, prompt_len - 1 : total - 1] = torch.tensor(completion.logprobs)
     prompt_lengths = torch.tensor([len(c.prompt_token_ids) for c in completions])
-    return UpdateBatch(input_ids, attention, response, sampled, advantages.float(), prompt_lengths)
+    return UpdateBatch(
+        input_ids,
+        attention,
+        response,
+        sampled,
+        advantages.float(),
+        prompt_lengths,
+        shuffle_seed=shuffle_seed,
+    )
 
 
 def token_logprobs(
@@ -230,10 +243,23 @@ class BatchNorms:
 
 
 def mini_batches(batch: UpdateBatch, settings: UpdateSettings) -> list[torch.Tensor]:
-    """Row indices of each optimizer step, in order: `ppo_epochs` passes over the batch
-    split into `ppo_mini_batches` contiguous parts (verl's ppo_mini_batch, unshuffled)."""
-    parts = torch.tensor_split(torch.arange(batch.rows), settings.ppo_mini_batches)
-    return [part for _ in range(settings.ppo_epochs) for part in parts if part.numel()]
+    """Row indices of each optimizer step, in order: `ppo_epochs` passes over the batch,
+    each split into `ppo_mini_batches` parts.
+
+    With several mini-batches the rows are shuffled across groups first (a new seeded
+    order per pass), as the official KnapsackRL fork does (it shuffles the rows before
+    generation): otherwise the rows of one prompt, up to N_up of them, stay together and
+    one 90-rollout group fills a mini-batch. One mini-batch keeps the rows in order, so
+    its step is the full-batch gradient exactly as before.
+    """
+    if settings.ppo_mini_batches == 1:
+        return [torch.arange(batch.rows) for _ in range(settings.ppo_epochs)]
+    passes = []
+    for epoch in range(settings.ppo_epochs):
+        generator = torch.Generator().manual_seed(batch.shuffle_seed * 1_000 + epoch)
+        order = torch.randperm(batch.rows, generator=generator)
+        passes += [part for part in torch.tensor_split(order, settings.ppo_mini_batches)]
+    return [part for part in passes if part.numel()]
 
 
 def score_rows(
