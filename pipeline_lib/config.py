@@ -381,6 +381,14 @@ class CompareConfig(Section):
     baseline: StrategyName = Field(
         "uniform", description="The arm every other arm is compared against (one of `arms`)."
     )
+    primary_metric: Literal["heldout_auc", "final_accuracy"] = Field(
+        "heldout_auc",
+        description="The pre-registered primary metric of every run: heldout_auc (area "
+        "under held-out accuracy vs training step over the steps, i.e. the mean accuracy "
+        "during training) or final_accuracy. The positive control and each arm's "
+        "uniform-equivalent compute are computed on it (pipeline_lib/comparison/"
+        "dose_response.py). Name it before running; never change it after seeing results.",
+    )
     deployment: str | None = Field(
         None,
         description="null: train the runs one after another in this process (one rollout "

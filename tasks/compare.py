@@ -197,7 +197,8 @@ def write_comparison(
 ) -> dict:
     """metrics/compare.json, the plots (PNG) and the curves, also on the parent run."""
     arms = config.compare.arms
-    summary = compare_summary(config.compare.baseline, arm_runs(records, arms))
+    metric = config.compare.primary_metric
+    summary = compare_summary(config.compare.baseline, arm_runs(records, arms, metric), metric)
     summary["steps"] = config.compare.steps
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,13 +13,13 @@ from scipy import stats
 from pipeline_lib.comparison.stats import (
     ArmRuns,
     accuracy_interval,
-    compare_markdown_table,
     compare_summary,
     compute_at_accuracy,
     compute_to_match,
     mean_curve,
     paired_difference,
 )
+from pipeline_lib.comparison.table import compare_markdown_table
 
 
 @pytest.mark.parametrize("values", [[0.61, 0.64, 0.66], [0.5, 0.52], [0.3, 0.35, 0.31, 0.4, 0.29]])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline_lib.comparison.dose_response import primary_value
 from pipeline_lib.comparison.stats import ArmRuns
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.training.compute import evaluation_curve
@@ -109,8 +110,11 @@ def run_record(
     }
 
 
-def arm_runs(records: Sequence[Mapping], arms: Sequence[str]) -> dict[str, ArmRuns]:
-    """Records grouped by arm, seeds in ascending order, as the statistics take them."""
+def arm_runs(
+    records: Sequence[Mapping], arms: Sequence[str], primary_metric: str | None = None
+) -> dict[str, ArmRuns]:
+    """Records grouped by arm, seeds in ascending order, as the statistics take them
+    (with each run's `primary_metric` value when one is named)."""
     grouped: dict[str, ArmRuns] = {}
     for arm in arms:
         mine = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
@@ -123,6 +127,7 @@ def arm_runs(records: Sequence[Mapping], arms: Sequence[str]) -> dict[str, ArmRu
                 [r["effective_gradient_ratio"] for r in mine], np.float64
             ),
             curves=tuple(pd.DataFrame(r["curve"]) for r in mine),
+            primary=tuple(primary_value(r, primary_metric) for r in mine) if primary_metric else (),
         )
     return grouped
 

@@ -50,6 +50,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from pipeline_lib.comparison.dose_response import (
+    UNIFORM_DOSES,
+    mean_interval,
+    positive_control,
+    uniform_equivalent,
+)
+
 CONFIDENCE = 0.95
 COMPUTE_COLUMNS = ("rollouts", "tokens", "seconds")
 
@@ -206,6 +213,8 @@ class ArmRuns:
     """float[S] each run's mean effective-gradient ratio over its steps."""
     curves: tuple[pd.DataFrame, ...]
     """Per seed: step, accuracy, rollouts, tokens, seconds (`training.compute.evaluation_curve`)."""
+    primary: tuple[float, ...] = ()
+    """Per seed, the pre-registered primary metric (`dose_response.primary_value`)."""
 
     @property
     def accuracies(self) -> np.ndarray:
@@ -259,19 +268,39 @@ def arm_summary(arm: ArmRuns, baseline: ArmRuns) -> dict:
         "compute_to_match_baseline": compute_to_match(
             arm.curves, baseline.curves, float(baseline.accuracies.mean())
         ),
+    } | _primary_entry(arm)
+
+
+def _primary_entry(arm: ArmRuns) -> dict:
+    if not arm.primary:
+        return {}
+    summary = mean_interval(arm.primary)
+    return {
+        "primary": [float(v) for v in arm.primary],
+        "primary_mean": summary["mean"],
+        "primary_ci": summary["ci"],
     }
 
 
-def compare_summary(baseline: str, arms: Mapping[str, ArmRuns]) -> dict:
+def _by_seed(runs: ArmRuns) -> dict[int, float]:
+    return dict(zip(runs.seeds, runs.primary, strict=True))
+
+
+def compare_summary(
+    baseline: str, arms: Mapping[str, ArmRuns], primary_metric: str | None = None
+) -> dict:
     """The `metrics/compare.json` dict: per arm its accuracy over seeds with a t-interval,
-    its paired difference to `baseline` and the compute it needed to match it.
+    its paired difference to `baseline` and the compute it needed to match it; with a
+    `primary_metric` (the arms' `primary` values), each arm's per-seed primary values,
+    the positive control on the uniform arms and each arm's uniform-equivalent compute
+    (`dose_response`).
 
     `rollouts`, `tokens` (completion tokens generated) and `seconds` (rollout + update
     + weight sync) are each run's totals averaged over the arm's seeds.
     """
     if baseline not in arms:
         raise ValueError(f"baseline {baseline!r} is not among the arms {list(arms)}")
-    return {
+    summary = {
         "baseline": baseline,
         "confidence": CONFIDENCE,
         "methods": {
@@ -283,60 +312,18 @@ def compare_summary(baseline: str, arms: Mapping[str, ArmRuns]) -> dict:
         },
         "arms": {name: arm_summary(runs, arms[baseline]) for name, runs in arms.items()},
     }
+    if primary_metric:
+        add_dose_response(summary, arms, primary_metric)
+    return summary
 
 
-COMPARE_COLUMNS = (
-    "arm",
-    "seeds",
-    "held-out accuracy (95 % CI)",
-    "difference vs {baseline} (95 % CI, p)",
-    "effective-gradient ratio",
-    "compute to match {baseline}: rollouts / tokens / seconds",
-)
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def compare_rows(summary: Mapping) -> list[list[str]]:
-    """One row per arm of a compare.json dict, the numbers as the README shows them."""
-    rows = []
-    for name, arm in summary["arms"].items():
-        accuracy = f"{arm['accuracy_mean']:.3f}"
-        if arm["accuracy_ci"] is not None:
-            accuracy += " ({:.3f} to {:.3f})".format(*arm["accuracy_ci"])
-        versus = arm["vs_baseline"]
-        if name == summary["baseline"]:
-            difference = "(baseline)"
-        else:
-            difference = f"{versus['difference']:+.3f}"
-            if versus["ci"] is not None:
-                difference += " ({:+.3f} to {:+.3f}, p = {:.3f})".format(
-                    *versus["ci"], versus["p_value"]
-                )
-        match = arm["compute_to_match_baseline"]
-        compute = (
-            "never reached"
-            if match is None
-            else " / ".join(_ratio(match[f"{k}_ratio"]) for k in COMPUTE_COLUMNS)
-        )
-        rows.append(
-            [
-                name,
-                str(len(arm["seeds"])),
-                accuracy,
-                difference,
-                f"{arm['effective_gradient_ratio_mean']:.3f}",
-                compute,
-            ]
-        )
-    return rows
-
-
-def compare_markdown_table(summary: Mapping) -> str:
-    """The comparison table in Markdown, generated from a compare.json dict."""
-    header = [c.format(baseline=summary["baseline"]) for c in COMPARE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in compare_rows(summary)]
-    return "\n".join(lines)
+def add_dose_response(summary: dict, arms: Mapping[str, ArmRuns], primary_metric: str) -> None:
+    """The positive control first (uniform arms only: compare.json's `positive_control`),
+    then each other arm's `uniform_equivalent` compute, into `summary`."""
+    primary = {name: _by_seed(runs) for name, runs in arms.items()}
+    uniform = {name: values for name, values in primary.items() if name in UNIFORM_DOSES}
+    summary["primary_metric"] = primary_metric
+    summary["positive_control"] = positive_control(primary)
+    for name, values in primary.items():
+        if name not in UNIFORM_DOSES:
+            summary["arms"][name]["uniform_equivalent"] = uniform_equivalent(values, uniform)
