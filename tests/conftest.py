@@ -31,3 +31,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# Harnesses that `make test` leaves out (each has its own make target, which opts in):
+# marker -> what it costs. `pytest --opt-in NAME` runs them.
+OPT_IN = {
+    "reproducibility": "two `make run`s in fresh clones (~30 min; make check-reproducible)",
+    "stack": "the Docker team stack or the GPU image build (make docker-stack-smoke, "
+    "make docker-gpu-check)",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--opt-in",
+        action="append",
+        default=[],
+        choices=sorted(OPT_IN),
+        help="also run the tests of this opt-in marker (repeatable): "
+        + "; ".join(f"{name}: {cost}" for name, cost in OPT_IN.items()),
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    chosen = set(config.getoption("--opt-in"))
+    for item in items:
+        for name in set(OPT_IN) - chosen:
+            if name in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"{OPT_IN[name]}: give --opt-in {name}"))

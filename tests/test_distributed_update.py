@@ -2,7 +2,8 @@
 
 Real worker processes and a real process group on 127.0.0.1. accelerate's FSDP
 needs GPUs, so on this machine the group is data-parallel; the FSDP plugin path
-has its own check for a GPU machine, `scripts/check_gpu_update.py` (not run in CI).
+has its own check for a GPU machine, `tests/gpu/test_cuda_update.py` (`make gpu-check`;
+skipped without CUDA).
 """
 
 from __future__ import annotations

@@ -29,9 +29,7 @@ import yaml
 
 from pipeline_lib.adapters.processes import LAUNCH_ENV
 from tests.conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import deploy_smoke  # noqa: E402
+from tests.smoke import deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,7 +37,7 @@ SETTLE_S = 30.0  # the issue's bound: nothing may be left this long after the si
 MOMENT_TIMEOUT_S = 900.0
 
 # A tiny `make run`: HF generate, a few SFT and GRPO steps (the moment comes before the end).
-TINY_RUN_PARAMS = deploy_smoke.TINY_OVERRIDES | {"train.steps": 6}
+TINY_RUN_PARAMS = deploy.TINY_OVERRIDES | {"train.steps": 6}
 
 
 def _cmdline(process: psutil.Process) -> str:
@@ -84,8 +82,8 @@ def wait_for_process(launch_id: str, pattern: str, timeout_s: float) -> None:
 
 def run_project(folder: Path) -> Path:
     """A copy of the project for `make run`, with the shared venv and tiny params."""
-    env = deploy_smoke.base_env(folder) | {"PATH": os.environ["PATH"]}
-    project = deploy_smoke.copy_project(folder / "project", env)
+    env = deploy.base_env(folder) | {"PATH": os.environ["PATH"]}
+    project = deploy.copy_project(folder / "project", env)
     for name in ("Makefile", "pyproject.toml", "requirements"):
         source = REPO_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)

@@ -1,25 +1,23 @@
-"""Smoke test of the Prefect deployment: server, process worker, `prefect deploy`, one run.
+"""The Prefect deployment on a real stack: server, process worker, `prefect deploy`, runs.
 
-    python scripts/deploy_smoke.py          # what `make deploy-smoke` runs
-    python scripts/deploy_smoke.py --keep   # keep the temporary project for a look afterwards
+Helpers of tests/smoke/test_deploy.py (what `make deploy-smoke` runs), of the Docker smoke
+tests and of tests/integration/test_shutdown.py.
 
-The project (flows, tasks, library, dvc.yaml, params.yaml, prefect.yaml) is copied into a
-temporary git + DVC repository, so the run never touches your workspace. In that copy:
-`prefect server start` on 127.0.0.1 (sqlite, its own PREFECT_HOME), the `local-process`
-work pool, a process worker, `prefect deploy --name local`, and
-`prefect deployment run 'pipeline/local' --watch` with overrides small enough for a few
-minutes on 2 CPU cores. Prints the final state and exits 0 only when it is Completed.
+The project (flows, tasks, library, ops, dvc.yaml, params.yaml, prefect.yaml) is copied
+into a temporary git + DVC repository, so a run never touches your workspace. In that
+copy: `prefect server start` on 127.0.0.1 (sqlite, its own PREFECT_HOME), the
+`local-process` work pool, a process worker, `prefect deploy --name local`; then
+`prefect deployment run 'pipeline/local' --watch` with overrides (TINY_OVERRIDES: a few
+minutes on 2 CPU cores).
 
-Everything it started is stopped, the worker before the server, also on an error, on
-Ctrl-C and on SIGTERM or SIGHUP to its process group: a `pipeline_lib.adapters.processes.Supervisor`
-marks every process below this one (server, worker, flow run, `dvc exp run`, the stage's
-python) and stops them all by PID, whatever session they started; a watchdog process
-does the same if this script is killed with SIGKILL.
+Everything the stack started is stopped, the worker before the server, also on an error,
+on Ctrl-C and on SIGTERM or SIGHUP: a `pipeline_lib.adapters.processes.Supervisor` marks
+every process it starts (server, worker, flow run, `dvc exp run`, the stage's python) and
+stops them all by PID, whatever session they started.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,22 +25,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from with_prefect_server import prefect_server, stop  # noqa: E402
+from ops.with_prefect_server import prefect_server, stop
+from pipeline_lib.adapters.processes import Supervisor
 
-from pipeline_lib.adapters.processes import Supervisor  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_DIRS = ("flows", "tasks", "pipeline_lib", "scripts")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# ops: the Makefile's entry points (`make run` in a copy, `python -m ops.setup_s3_remote`).
+PROJECT_DIRS = ("flows", "tasks", "pipeline_lib", "ops")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".dvc/config")
 POOL = "local-process"
 DEPLOYMENT = "pipeline/local"
@@ -290,45 +284,3 @@ def _text(data: str | bytes | None) -> str:
 def flow_run_logs(stack: Stack, flow_run_id: str) -> str:
     """Every log line the flow run sent to the server."""
     return run_cli(["prefect", "flow-run", "logs", flow_run_id], stack.project, stack.env)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", action="store_true", help="keep the temporary project")
-    args = parser.parse_args(argv)
-    with Supervisor(watchdog=True) as supervisor:
-        return _smoke(args.keep, supervisor)
-
-
-def _smoke(keep: bool, supervisor: Supervisor) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="knapsack-deploy-smoke-"))
-    started = time.monotonic()
-    try:
-        with deployment_stack(workdir, supervisor) as stack:
-            print(
-                f"deployed {DEPLOYMENT} from {stack.project} ({time.monotonic() - started:.0f} s)",
-                file=sys.stderr,
-            )
-            result = run_deployment(stack, {"overrides": TINY_OVERRIDES})
-            if result.state != "Completed":
-                print(result.output[-4000:], file=sys.stderr)
-                print(flow_run_logs(stack, result.flow_run_id)[-4000:], file=sys.stderr)
-                print(f"worker log: {stack.worker_log}", file=sys.stderr)
-        summary = stack.project / "metrics" / "summary.json"
-        if summary.exists():
-            print(f"metrics/summary.json: {summary.read_text().strip()}")
-        print(
-            f"flow run {result.flow_run_id}: {result.state}"
-            + (f" ({result.message})" if result.message else "")
-        )
-        print(f"deploy smoke took {time.monotonic() - started:.0f} s")
-        return 0 if result.state == "Completed" else 1
-    finally:
-        if keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,11 +1,11 @@
 """What can be checked of the GPU image without a GPU and without its multi-GB downloads.
 
-    python scripts/docker_gpu_check.py       # what `make docker-gpu-check` runs (as root)
+What `make docker-gpu-check` runs (as root):
 
 1. `requirements/lock-gpu.txt` still resolves for its platform (Linux x86_64, manylinux
    2.28, Python 3.11): `uv pip compile requirements/gpu.in` with the lock as the
    preference must give the lock back unchanged (metadata only, no wheels downloaded).
-2. docker/Dockerfile.gpu builds on the local base image (scripts/docker_engine.py) with a
+2. docker/Dockerfile.gpu builds on the local base image (ops/docker_engine.py) with a
    stand-in for the CUDA environment: REQUIREMENTS=a one-line lock (setuptools, which the
    editable install needs), VLLM=a small pure-Python wheel. Every other step is the real
    one: uv, the venv, the lock install and `--no-deps` vLLM step, the project's editable
@@ -18,26 +18,38 @@ Not run: the CUDA base image (no registry), torch 2.14.0 + CUDA 13 and vLLM 0.33
 from __future__ import annotations
 
 import difflib
+import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
-from docker_engine import BASE_IMAGE, DEFAULT_CACHE_DIR, ensure_base_image, log, running_dockerd  # noqa: E402
-from docker_smoke import LOCAL_INPUTS, stage_local_inputs  # noqa: E402
+import pytest
+
+from ops.docker_engine import (
+    BASE_IMAGE,
+    DEFAULT_CACHE_DIR,
+    DockerEngine,
+    ensure_base_image,
+    log,
+    running_dockerd,
+)
+from pipeline_lib.adapters.processes import exit_on_sigterm
+from tests.smoke.deploy import REPO_ROOT
+from tests.smoke.docker_image import LOCAL_INPUTS, stage_local_inputs
+
+# Not in `make test` (it never ran these): its make target opts in (tests/conftest.py).
+pytestmark = [pytest.mark.docker, pytest.mark.integration, pytest.mark.slow, pytest.mark.stack]
 
 STANDIN_IMAGE = "knapsack-rl-gpu:standin"
 STANDIN_LOCK = "setuptools==84.2.1\n"  # the lock's own setuptools pin
 STANDIN_VLLM = "six==1.17.0"  # any small wheel in place of vllm==0.33.0
 
 
-def lock_still_resolves() -> bool:
+def test_gpu_lock_still_resolves_for_its_platform():
     """uv pip compile gpu.in for the GPU platform reproduces lock-gpu.txt exactly."""
     lock = REPO_ROOT / "requirements" / "lock-gpu.txt"
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,26 +75,25 @@ def lock_still_resolves() -> bool:
             text=True,
             timeout=900,
         )
-        if result.returncode != 0:
-            print(result.stderr[-3000:], file=sys.stderr)
-            return False
+        assert result.returncode == 0, result.stderr[-3000:]
         diff = list(
             difflib.unified_diff(
                 lock.read_text().splitlines(), output.read_text().splitlines(), lineterm=""
             )
         )
-    if diff:
-        print("\n".join(diff[:60]), file=sys.stderr)
     log(
         f"lock-gpu.txt resolves for x86_64-manylinux_2_28 / Python 3.11: "
         f"{'unchanged' if not diff else 'CHANGED'}"
     )
-    return not diff
+    assert not diff, "\n".join(diff[:60])
 
 
-def main() -> int:
-    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
-    resolves = lock_still_resolves()
+@pytest.fixture(scope="module")
+def standin_image() -> Iterator[DockerEngine]:
+    """Dockerfile.gpu built with the stand-in lock and vLLM, in a running private dockerd."""
+    if os.geteuid() != 0:
+        pytest.skip("starting dockerd needs root")
+    exit_on_sigterm()  # SIGTERM unwinds to the daemon's stop
     (LOCAL_INPUTS / "gpu-standin.txt").write_text(STANDIN_LOCK)
     stage_local_inputs()
     with running_dockerd(DEFAULT_CACHE_DIR) as engine:
@@ -116,29 +127,36 @@ def main() -> int:
             text=True,
             timeout=1800,
         )
-        if result.returncode != 0:
-            print(result.stdout[-4000:] + result.stderr[-4000:], file=sys.stderr)
-            return 1
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         log(f"built {STANDIN_IMAGE} in {time.monotonic() - started:.0f} s")
-        check = engine.docker(
-            "run",
-            "--rm",
-            "--network",
-            "host",
-            STANDIN_IMAGE,
-            "python",
-            "-c",
-            "import sys, pipeline_lib, six; print(sys.version.split()[0], "
-            "pipeline_lib.__file__, six.__version__)",
-        )
-        user = engine.docker("run", "--rm", STANDIN_IMAGE, "id", "-u").stdout.strip()
-        command = engine.docker(
-            "image", "inspect", "--format", "{{json .Config.Cmd}}", STANDIN_IMAGE
-        ).stdout.strip()
-        log(f"stand-in image runs: {check.stdout.strip()}; uid {user}; command {command}")
-        engine.docker("image", "rm", STANDIN_IMAGE, check=False)
-    return 0 if resolves and user == "1000" else 1
+        try:
+            yield engine
+        finally:
+            engine.docker("image", "rm", STANDIN_IMAGE, check=False)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def test_standin_gpu_image_imports_the_project(standin_image):
+    """`docker run` fails (and raises) unless the project and the stand-in vLLM import."""
+    check = standin_image.docker(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        STANDIN_IMAGE,
+        "python",
+        "-c",
+        "import sys, pipeline_lib, six; print(sys.version.split()[0], "
+        "pipeline_lib.__file__, six.__version__)",
+    )
+    log(f"stand-in image runs: {check.stdout.strip()}")
+    assert check.stdout.startswith("3.11") and "pipeline_lib" in check.stdout, check.stdout
+
+
+def test_standin_gpu_image_runs_as_uid_1000_with_the_worker_command(standin_image):
+    user = standin_image.docker("run", "--rm", STANDIN_IMAGE, "id", "-u").stdout.strip()
+    command = standin_image.docker(
+        "image", "inspect", "--format", "{{json .Config.Cmd}}", STANDIN_IMAGE
+    ).stdout.strip()
+    log(f"stand-in image: uid {user}; command {command}")
+    assert user == "1000"
+    assert "worker" in command, command

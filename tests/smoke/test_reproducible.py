@@ -1,34 +1,33 @@
 """Are two `make run`s on one machine the same? Two fresh clones, one after another.
 
-    .venv/bin/python scripts/check_reproducible.py [--scratch DIR] [--out FILE]
+    make check-reproducible  # pytest -s tests/smoke/test_reproducible.py --opt-in reproducibility
 
-Clones this checkout's HEAD twice into a scratch folder, links this checkout's `.venv`
-into each (the README's "fresh clone, .venv present"), runs `make run` in each, one
-after another (so each wall time is that of a `make run` alone on this machine), then
-compares the two:
+About 25-30 minutes on 2 cores, so skipped unless `--opt-in reproducibility` is given. Clones
+this checkout's HEAD twice into a temporary folder, links this checkout's `.venv` into
+each (the README's "fresh clone, .venv present"), runs `make run` in each, one after
+another (so each wall time is that of a `make run` alone on this machine), then compares:
 
 - every output and dependency hash in the two `dvc.lock` files, path by path;
 - every DVC metrics and plain metrics file (`metrics/*.json`, `metrics/curves/*.csv`)
   byte for byte.
 
-Prints each `make run`'s wall time and a table of what differs. `metrics/timing.json`
-(wall-clock seconds) is expected to differ; anything else differing is a failure (exit 1).
-`--out` writes the findings as JSON.
+`metrics/timing.json` (wall-clock seconds) is expected to differ; anything else differing
+fails the test. Each `make run`'s log is kept beside its clone (pytest's tmp_path).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 # Wall-clock numbers: different on every run by nature (README, Reproducibility).
 EXPECTED_TO_DIFFER = {"metrics/timing.json"}
 COMPARED_FILES = ("metrics/*.json", "metrics/curves/*.csv")
@@ -36,15 +35,14 @@ COMPARED_FILES = ("metrics/*.json", "metrics/curves/*.csv")
 
 def make_run(clone: Path) -> float:
     """`make run` in a fresh clone of HEAD; its wall seconds. The log is kept beside it."""
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    (clone / ".venv").symlink_to(REPO / ".venv")
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    (clone / ".venv").symlink_to(REPO_ROOT / ".venv")
     started = time.perf_counter()
-    with (clone.parent / f"{clone.name}.log").open("w") as log:
+    log_path = clone.parent / f"{clone.name}.log"
+    with log_path.open("w") as log:
         done = subprocess.run(["make", "run"], cwd=clone, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"make run failed in {clone} (exit {done.returncode}): see {log.name}")
-    return seconds
+    assert done.returncode == 0, f"make run failed in {clone} (exit {done.returncode}): {log_path}"
+    return time.perf_counter() - started
 
 
 def lock_hashes(clone: Path) -> dict[str, str]:
@@ -94,43 +92,29 @@ def unexpected(found: dict[str, list[str]]) -> list[str]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scratch", type=Path, help="folder for the clones (default: a temp dir)")
-    parser.add_argument("--out", type=Path, help="write the findings as JSON here")
-    args = parser.parse_args()
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="knapsack-repro-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+def test_differences_ignore_only_the_wall_clock_file():
+    """The comparison's own rule, checked without running anything."""
+    found = {"dvc.lock": ["train outs metrics/timing.json"], "files": ["metrics/timing.json"]}
+    assert unexpected(found) == []
+    assert unexpected(found | {"files": ["metrics/summary.json"]}) == ["metrics/summary.json"]
+
+
+@pytest.mark.reproducibility
+def test_two_make_runs_in_fresh_clones_give_the_same_locks_and_metrics(tmp_path: Path):
     commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
-    clones = [scratch / "first", scratch / "second"]
-    seconds = {}
-    for clone in clones:
-        print(f"make run in {clone} ...", flush=True)
-        seconds[clone.name] = make_run(clone)
-        print(f"  {seconds[clone.name] / 60:.1f} min", flush=True)
+    clones = [tmp_path / "first", tmp_path / "second"]
+    seconds = {clone.name: make_run(clone) for clone in clones}
     found = differences(*clones)
     bad = unexpected(found)
-    total = len(lock_hashes(clones[0]))
     print(
         f"\ncommit {commit[:12]}; make run wall time: "
         + ", ".join(f"{name} {s / 60:.1f} min" for name, s in seconds.items())
     )
-    print(f"dvc.lock entries: {total}, differing: {found['dvc.lock'] or 'none'}")
+    print(
+        f"dvc.lock entries: {len(lock_hashes(clones[0]))}, differing: {found['dvc.lock'] or 'none'}"
+    )
     print(f"metrics files differing: {found['files'] or 'none'}")
     print("reproducible" if not bad else f"NOT reproducible: {bad}")
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {"commit": commit, "make_run_seconds": seconds, "lock_entries": total}
-                | found
-                | {"unexpected": bad},
-                indent=2,
-            )
-        )
-    sys.exit(1 if bad else 0)
-
-
-if __name__ == "__main__":
-    main()
+    assert not bad, f"differ between the two runs: {bad}"

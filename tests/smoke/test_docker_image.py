@@ -1,6 +1,6 @@
 """The CPU image built here runs the pipeline deployment in a container of a Docker work pool.
 
-What `make docker-smoke` does (scripts/docker_smoke.py), as one module fixture: a private
+What `make docker-smoke` runs (tests/smoke/docker_image.py), as one module fixture: a private
 dockerd (docker.io and debootstrap installed with apt when missing), the local base image,
 the CPU image built from docker/Dockerfile.cpu, Prefect, MLflow and SeaweedFS S3 servers
 on the host, a Prefect Docker worker, and one tiny flow run in a container. Everything the
@@ -14,15 +14,12 @@ with the timings is printed even under -q.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import docker_smoke  # noqa: E402
+from pipeline_lib.adapters.processes import exit_on_sigterm
+from tests.smoke import docker_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration, pytest.mark.slow]
 
@@ -30,13 +27,14 @@ pytestmark = [pytest.mark.docker, pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def smoke(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> docker_smoke.SmokeResult:
+) -> docker_image.SmokeResult:
     if os.geteuid() != 0:
         pytest.skip("starting dockerd needs root")
-    result = docker_smoke.run_smoke(tmp_path_factory.mktemp("docker-smoke"))
+    exit_on_sigterm()  # SIGTERM unwinds the smoke run's context managers: all stopped by PID
+    result = docker_image.run_smoke(tmp_path_factory.mktemp("docker-smoke"))
     # The timings (base image, build, container) belong in CI's log, pass or fail.
     with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-        print("\n" + docker_smoke.report(result), flush=True)
+        print("\n" + docker_image.report(result), flush=True)
     return result
 
 
@@ -44,13 +42,13 @@ def test_flow_run_in_a_container_of_the_cpu_image_completes(smoke):
     assert smoke.state == "Completed", f"{smoke.state}: {smoke.message}\n{smoke.logs}"
     container = smoke.container
     assert container, "no container was created for the flow run"
-    assert container["image"] == docker_smoke.CPU_IMAGE
+    assert container["image"] == docker_image.CPU_IMAGE
     assert container["network_mode"] == "host"
     assert container["exit_code"] == 0, container
 
 
 def test_dvc_push_put_the_outputs_in_s3(smoke):
-    assert smoke.s3_objects.get("dvc/", 0) > 0, f"nothing under s3://{docker_smoke.BUCKET}/dvc/"
+    assert smoke.s3_objects.get("dvc/", 0) > 0, f"nothing under s3://{docker_image.BUCKET}/dvc/"
 
 
 def test_mlflow_server_has_the_runs_and_their_artifacts_are_in_s3(smoke):

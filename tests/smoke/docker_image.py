@@ -1,11 +1,9 @@
-"""Smoke test of the Docker work pool: the CPU image runs a pipeline deployment to Completed.
+"""The CPU image runs a pipeline deployment to Completed on a Docker work pool.
 
-    python scripts/docker_smoke.py            # what `make docker-smoke` runs (as root)
-    python scripts/docker_smoke.py --keep     # keep the work folder (logs, project copy)
-    python scripts/docker_smoke.py --build-only   # steps 1-3: (re)build the image, time it
-
-Steps, each stopped by PID when the run ends, fails or is interrupted (Ctrl-C, SIGTERM):
-1. its own `dockerd` (scripts/docker_engine.py; docker.io and debootstrap are installed
+Helpers of tests/smoke/test_docker_image.py (what `make docker-smoke` runs, as root), also
+used by the stack and GPU-image smoke tests. `run_smoke()` does, each step stopped by PID
+when the run ends, fails or is interrupted (Ctrl-C, SIGTERM):
+1. its own `dockerd` (ops/docker_engine.py; docker.io and debootstrap are installed
    with apt when missing), data root in a stable cache folder (KNAPSACK_RL_DOCKER_CACHE,
    default /var/cache/knapsack-rl-docker), so images and the build cache survive;
 2. the local base image (debootstrap bookworm), made once and then reused;
@@ -20,20 +18,17 @@ Steps, each stopped by PID when the run ends, fails or is interrupted (Ctrl-C, S
    `pipeline/docker-smoke`: each flow run is a container of the image on the host
    network that clones the project (like the `gpu-docker` deployment), runs a tiny
    pipeline (`dvc exp run` with small overrides), logs to MLflow and `dvc push`es;
-6. one flow run; then prints its final state, the objects it put in S3 and its MLflow
-   runs. Exits 0 only when the state is Completed, outputs reached S3 and MLflow has the run.
+6. one flow run; the result holds its final state, the objects it put in S3 and its
+   MLflow runs, filled in before anything is stopped.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -43,12 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
-sys.path.insert(0, str(REPO_ROOT))
-import deploy_smoke  # noqa: E402
-from docker_engine import (  # noqa: E402
+from ops.docker_engine import (
     BASE_IMAGE,
     DEFAULT_CACHE_DIR,
     DockerEngine,
@@ -56,9 +46,10 @@ from docker_engine import (  # noqa: E402
     log,
     running_dockerd,
 )
-from with_prefect_server import free_port, prefect_server, stop  # noqa: E402
-
-from tests.integration.s3_server import S3Server, make_bucket, running_s3_server  # noqa: E402
+from ops.with_prefect_server import free_port, prefect_server, stop
+from tests.integration.s3_server import S3Server, make_bucket, running_s3_server
+from tests.smoke import deploy
+from tests.smoke.deploy import REPO_ROOT
 
 CPU_IMAGE = "knapsack-rl-cpu:local"
 POOL = "docker-smoke"
@@ -74,7 +65,7 @@ CA_BUNDLE = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates
 REPO_IN_CONTAINER = "/srv/knapsack-rl.git"
 # MLflow artifacts go through the tracking server (proxied to S3): the container needs only
 # the MLflow URL for them. params.yaml's default (a local `mlruns`) would stay in the container.
-SMOKE_OVERRIDES: dict[str, Any] = deploy_smoke.TINY_OVERRIDES | {
+SMOKE_OVERRIDES: dict[str, Any] = deploy.TINY_OVERRIDES | {
     "tracking.artifact_location": "mlflow-artifacts:/knapsack-rl",
 }
 
@@ -235,7 +226,7 @@ def docker_worker(
     project: Path, env: Mapping[str, str], log_path: Path, pids: dict[str, int]
 ) -> Iterator[subprocess.Popen]:
     """A Prefect worker of type docker on POOL, in its own process group."""
-    deploy_smoke.run_cli(
+    deploy.run_cli(
         ["prefect", "--no-prompt", "work-pool", "create", POOL, "--type", "docker", "--overwrite"],
         project,
         env,
@@ -300,7 +291,7 @@ def deployment_file(path: Path, env: Mapping[str, str], repo: Path) -> Path:
                         "image": CPU_IMAGE,
                         "image_pull_policy": "Never",  # no registry: the image is local
                         "network_mode": "host",  # no bridge; the servers are on 127.0.0.1
-                        "auto_remove": False,  # inspected, then removed by this script
+                        "auto_remove": False,  # inspected, then removed by the smoke run
                         "volumes": [f"{repo}:{REPO_IN_CONTAINER}:ro"],
                         "labels": {SMOKE_LABEL: "1"},
                         "env": job_env,
@@ -317,11 +308,12 @@ def deployment_file(path: Path, env: Mapping[str, str], repo: Path) -> Path:
 
 def prepare_project(workdir: Path, env: dict[str, str], s3: S3Server) -> tuple[Path, Path]:
     """Project copy (git + DVC, remote on the smoke bucket) and a bare clone for containers."""
-    project = deploy_smoke.copy_project(workdir / "project", env)
-    deploy_smoke.run_cli(
+    project = deploy.copy_project(workdir / "project", env)
+    deploy.run_cli(
         [
             sys.executable,
-            "scripts/setup_s3_remote.py",
+            "-m",
+            "ops.setup_s3_remote",
             f"s3://{BUCKET}/dvc",
             "--endpoint-url",
             s3.endpoint_url,
@@ -330,12 +322,10 @@ def prepare_project(workdir: Path, env: dict[str, str], s3: S3Server) -> tuple[P
         project,
         env,
     )
-    deploy_smoke.run_cli(["git", "add", "-A"], project, env)
-    deploy_smoke.run_cli(
-        ["git", "commit", "-q", "-m", "DVC remote on the smoke bucket"], project, env
-    )
+    deploy.run_cli(["git", "add", "-A"], project, env)
+    deploy.run_cli(["git", "commit", "-q", "-m", "DVC remote on the smoke bucket"], project, env)
     repo = workdir / "knapsack-rl.git"
-    deploy_smoke.run_cli(["git", "clone", "-q", "--bare", str(project), str(repo)], workdir, env)
+    deploy.run_cli(["git", "clone", "-q", "--bare", str(project), str(repo)], workdir, env)
     # The container runs as uid 1000; git refuses repositories owned by someone else.
     subprocess.run(["chown", "-R", "1000:1000", str(repo)], check=True)
     return project, repo
@@ -406,9 +396,9 @@ def mlflow_runs(tracking_uri: str, experiment: str = "knapsack-rl") -> list[dict
     ]
 
 
-def flow_run_seconds(stack: deploy_smoke.Stack, flow_run_id: str) -> float | None:
+def flow_run_seconds(stack: deploy.Stack, flow_run_id: str) -> float | None:
     inspected = json.loads(
-        deploy_smoke.run_cli(
+        deploy.run_cli(
             ["prefect", "flow-run", "inspect", flow_run_id, "--output", "json"],
             stack.project,
             stack.env,
@@ -421,17 +411,6 @@ def remove_smoke_containers(engine: DockerEngine) -> None:
     ids = engine.docker("ps", "-aq", "--filter", f"label={SMOKE_LABEL}", check=False).stdout
     if ids.split():
         engine.docker("rm", "-f", *ids.split(), check=False)
-
-
-def build_only(workdir: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> SmokeResult:
-    """Steps 1-3 alone: the daemon, the base image and the CPU image (to time a rebuild)."""
-    result = SmokeResult()
-    with running_dockerd(cache_dir) as engine:
-        result.started_pids["dockerd"] = engine.pid
-        result.base_image_s = ensure_base_image(engine, cache_dir)
-        result.build_s = build_cpu_image(engine, workdir / "build.log")
-        result.image_mb = engine.image_size_mb(CPU_IMAGE)
-    return result
 
 
 def run_smoke(
@@ -448,7 +427,7 @@ def run_smoke(
         result.build_s = build_cpu_image(engine, workdir / "build.log")
         result.image_mb = engine.image_size_mb(CPU_IMAGE)
 
-        env = deploy_smoke.base_env(workdir) | engine.env
+        env = deploy.base_env(workdir) | engine.env
         s3 = stack.enter_context(running_s3_server(workdir / "s3"))
         result.started_pids["s3"] = s3.process.pid
         log(f"SeaweedFS S3 (pid {s3.process.pid}) on {s3.endpoint_url}")
@@ -466,7 +445,7 @@ def run_smoke(
             docker_worker(project, env, workdir / "worker.log", result.started_pids)
         )
         prefect_file = deployment_file(workdir / "prefect-docker-smoke.yaml", env, repo)
-        deploy_smoke.run_cli(
+        deploy.run_cli(
             [
                 "prefect",
                 "--no-prompt",
@@ -479,11 +458,9 @@ def run_smoke(
             project,
             env,
         )
-        smoke_stack = deploy_smoke.Stack(
-            project=project, env=env, worker_log=workdir / "worker.log"
-        )
+        smoke_stack = deploy.Stack(project=project, env=env, worker_log=workdir / "worker.log")
         log(f"running {DEPLOYMENT} (a container of {CPU_IMAGE}; about 3-6 minutes)")
-        run = deploy_smoke.run_deployment(
+        run = deploy.run_deployment(
             smoke_stack,
             {"overrides": SMOKE_OVERRIDES, "push": True},
             deployment=DEPLOYMENT,
@@ -498,7 +475,7 @@ def run_smoke(
             result.logs = (
                 run.output[-3000:]
                 + "\n"
-                + deploy_smoke.flow_run_logs(smoke_stack, run.flow_run_id)[-6000:]
+                + deploy.flow_run_logs(smoke_stack, run.flow_run_id)[-6000:]
                 + "\nworker log:\n"
                 + (workdir / "worker.log").read_text(errors="replace")[-6000:]
             )
@@ -523,45 +500,3 @@ def report(result: SmokeResult) -> str:
         + (f" ({result.message})" if result.message else ""),
     ]
     return "\n".join(lines)
-
-
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds every context manager: all is stopped by PID
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=DEFAULT_CACHE_DIR,
-        help="dockerd's data root and the base image live here",
-    )
-    parser.add_argument(
-        "--build-only", action="store_true", help="only (re)build the image and report its time"
-    )
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    workdir = Path(tempfile.mkdtemp(prefix="knapsack-docker-smoke-"))
-    started = time.monotonic()
-    try:
-        if args.build_only:
-            result = build_only(workdir, args.cache_dir)
-            print(report_build(result))
-            return 0
-        result = run_smoke(workdir, args.cache_dir)
-        if result.logs:
-            print(result.logs, file=sys.stderr)
-        print(report(result))
-        print(f"docker smoke took {time.monotonic() - started:.0f} s")
-        return 0 if result.ok else 1
-    finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
