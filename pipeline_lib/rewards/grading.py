@@ -28,20 +28,9 @@ from pipeline_lib.rewards.answers import (
     _boxed_reward_without_sympy,
     _plain_rewards,
     _symbolic_reward,
-    extract_answer,
     extract_boxed,
 )
 
-__all__ = [
-    "AnswerExtraction",
-    "RewardGrader",
-    "default_grader",
-    "extract_answer",
-    "extract_boxed",
-    "grade_batch",
-    "math_reward",
-    "reward",
-]
 # Caps a worker's address space: "9999999999^{9999999999}" would otherwise grow a
 # multi-GB integer until the time limit struck. A warm worker uses about 100 MB.
 WORKER_MEMORY_LIMIT_BYTES = 2 * 1024**3
