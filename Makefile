@@ -92,12 +92,13 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m ops.config_doc
 
-# Kill, starve and cut off the pipeline on loopback (issue 11.4): bounded counts, every
-# process stopped by PID; the last line is `fault trials: N passed, M failed`. Root is
-# needed for the disk-full trial's tmpfs mount. FAULT_ARGS="--only malformed" for a subset.
+# Kill, starve and cut off the pipeline on loopback (issue 11.4): tests/faults/, marked
+# `faults`, skipped unless --opt-in faults. Bounded counts, every process stopped by PID; the
+# last line is `fault trials: N passed, M failed`. Root is needed for the disk-full trial's
+# tmpfs mount. FAULT_ARGS="-k malformed" (any pytest arguments) for a subset.
 .PHONY: fault-trials
 fault-trials: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/fault_trials.py $(FAULT_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest tests/faults --opt-in faults $(FAULT_ARGS)
 
 # The headline table, `dvc exp show` cut to the columns that matter, `dvc metrics diff`
 # against the committed reference (RESULTS_REV, default HEAD).

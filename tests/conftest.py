@@ -37,6 +37,7 @@ def shared_data() -> Path:
 # marker -> what it costs. `pytest --opt-in NAME` runs them.
 OPT_IN = {
     "reproducibility": "two `make run`s in fresh clones (~30 min; make check-reproducible)",
+    "faults": "fault trials: kills, outages, a full disk (~15-25 min, root; make fault-trials)",
     "stack": "the Docker team stack or the GPU image build (make docker-stack-smoke, "
     "make docker-gpu-check)",
 }
