@@ -23,7 +23,7 @@ export GOMP_SPINCOUNT := 1000
 # Prefect's state (flow runs, cached task results) stays in the repository.
 export PREFECT_HOME := $(CURDIR)/.prefect
 
-.PHONY: run test test-fast bench mlflow-ui install lock results plots compare
+.PHONY: run test test-fast bench mlflow-ui install lock results plots compare check-preset
 
 # `dvc plots show`'s page template with Vega inlined: .dvc/config's plots.html_template
 # names it (relative to .dvc/), so the plots page renders offline.
@@ -63,8 +63,10 @@ lock:
 # One Prefect server for all stages (stopped afterwards); the venv first on PATH for DVC.
 # `make run` rewrites the tracked results (metrics/, dvc.lock); `git diff` shows what changed.
 # Then the final dvc.lock goes into the pipeline's MLflow runs (DVC writes it after each stage).
+# PRESET=<name>: presets/<name>.yaml's overrides through `dvc exp run` (ops/preset.py).
 run: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- dvc repro
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- \
+		$(if $(PRESET),$(BIN)/python -m ops.preset run $(PRESET),dvc repro)
 	$(BIN)/python -m ops.record_final_lock
 
 # Allocation strategies compared: params.yaml's `compare` arms x seeds (comparison/dvc.yaml,
@@ -73,6 +75,12 @@ run: $(STAMP)
 compare: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- dvc repro comparison/dvc.yaml
 	$(BIN)/python -m ops.compare_table
+
+# Validate a preset (every preset without PRESET=): keys, values, data and model ids or
+# paths, the budget arithmetic; prints the resolved configuration. No compute, no network.
+check-preset: $(STAMP)
+	@for name in $(or $(PRESET),$$($(BIN)/python -m ops.preset list)); do \
+		$(BIN)/python -m ops.preset check $$name || exit 1; done
 
 # pytest exits 5 when it collects no tests: that is a broken suite, not a pass.
 test: $(STAMP)

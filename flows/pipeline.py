@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.common import load_stage_config, run_flow_cli
+from pipeline_lib.presets import load_preset
 from pipeline_lib.adapters.mlflow_runs import PARENT_ENV, find_or_create_parent, record_final_lock
 from tasks.storage import push_outputs, record_pushed_state
 
@@ -33,8 +34,12 @@ def pipeline(
     params_path: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
     push: bool = False,
+    preset: str | None = None,
 ) -> dict:
-    """prepare -> bootstrap -> train -> evaluate through DVC; optionally `dvc push` after."""
+    """prepare -> bootstrap -> train -> evaluate through DVC; optionally `dvc push` after.
+    `preset` (presets/<name>.yaml) goes under `overrides`, which win over it."""
+    if preset is not None:
+        overrides = load_preset(preset) | (overrides or {})
     config = load_stage_config(params_path, overrides)  # fail on a bad override before compute
     logger = get_run_logger()
     env = os.environ | {PARENT_ENV: find_or_create_parent(config)}
