@@ -1,7 +1,7 @@
 """Choose the comparison's testbed with the uniform arms only (issue 21: the positive control).
 
     .venv/bin/python -m ops.with_prefect_server -- .venv/bin/python -m bench.testbed \
-        [--candidates A,B,C,D] [--seeds 0,1,2] [--out metrics/testbed_choice.jsonl]
+        [--candidates A,B,C,D,E,F] [--seeds 0,1,2] [--out metrics/testbed_choice.jsonl]
 
 Each candidate (a set of params overrides, listed below in a fixed order and written
 down before any of them ran) is prepared and bootstrapped in its own clone of HEAD,
@@ -61,6 +61,18 @@ CANDIDATES: dict[str, dict] = {
         "why": "C with a lower learning rate (3e-5): progress bounded by the data, not by "
         "AdamW's fixed step size",
         "overrides": ["train.learning_rate=3e-05"],
+    },
+    # E and F were added after B failed and before C's or D's result was seen.
+    "E": {
+        "why": "D with N_avg 4 (0.5x, 1x, 2x = 2, 4, 8 rollouts per prompt): at 8 most "
+        "groups with 0.1 < p < 0.9 already hold both outcomes, so doubling adds little; "
+        "at 2-4 the dose decides whether a group has a gradient at all",
+        "overrides": ["train.rollouts_per_prompt=4"],
+    },
+    "F": {
+        "why": "E with 64 prompts per step (A's): more prompts per step average the "
+        "gradient's noise, and B's 2x - 1x interval was 0.029 wide over 3 seeds",
+        "overrides": ["train.prompts_per_step=64"],
     },
 }
 
