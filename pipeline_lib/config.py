@@ -161,6 +161,8 @@ StrategyName = Literal[
     "knapsack-gradient-only",
     "knapsack-official",
     "knapsack-equal-weight",
+    # The follow-up allocators (issue 22): compared in compare.sets.followups.
+    "variance-proportional",
 ]
 
 
@@ -176,7 +178,8 @@ class TrainConfig(Section):
         "dose-response: that multiple of the budget), dynamic-sampling (DAPO: refill "
         "until prompts_per_step groups have mixed rewards); ablations: knapsack-no-fallback, "
         "knapsack-gradient-only (value = P(non-zero gradient)), knapsack-official (the "
-        "paper code's rules), knapsack-equal-weight (group_weighting: equal).",
+        "paper code's rules), knapsack-equal-weight (group_weighting: equal); follow-ups: "
+        "variance-proportional (rollouts in proportion to sqrt(p(1-p))).",
     )
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
     prompts_per_step: int = Field(64, gt=0, description="M: prompts drawn per step.")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline_lib.allocation import allocate_rollouts, knapsack_allocate
+from pipeline_lib.allocation.proportional import variance_proportional_allocate
 from pipeline_lib.allocation.strategies import STRATEGIES, AllocationRequest, get_strategy, register
 from pipeline_lib.config import StrategyName, TrainConfig
 from pipeline_lib.status import empty_status, record_visit
@@ -47,6 +48,7 @@ def test_the_registry_holds_exactly_the_names_params_accepts():
         ("knapsack-gradient-only", 48),
         ("knapsack-official", 48),
         ("knapsack-equal-weight", 48),
+        ("variance-proportional", 48),
     ],
 )
 def test_each_strategy_spends_its_budget_multiple_of_prompts_times_n_avg(strategy, budget):
@@ -161,3 +163,53 @@ def test_knapsack_equal_weight_allocates_as_knapsack_and_only_reweights_groups()
         plain.allocate(request("knapsack")).rollouts,
         equal.allocate(request("knapsack-equal-weight")).rollouts,
     )
+
+
+@pytest.mark.parametrize("budget", [8, 11, 17, 24])
+def test_variance_proportional_is_the_brute_force_minimum_of_the_summed_variance(budget):
+    p = np.array([0.05, 0.3, 0.5, 0.85])
+    low, high = 2, 9
+    best = min(
+        float(np.sum(p * (1 - p) / np.array(n)))
+        for n in itertools.product(range(low, high + 1), repeat=p.size)
+        if sum(n) == budget
+    )
+    found = variance_proportional_allocate(p, budget, low, high)
+    assert found.sum() == budget and found.min() >= low and found.max() <= high
+    assert float(np.sum(p * (1 - p) / found)) == pytest.approx(best, abs=1e-12)
+
+
+def test_variance_proportional_follows_sqrt_p_q_and_keeps_knapsacks_floors_and_fallback():
+    # Large budget, no cap in the way: rollouts track sqrt(p (1 - p)) (0.3 : 0.5 : 0.3).
+    p = np.array([0.1, 0.5, 0.9])
+    found = variance_proportional_allocate(p, 1100, 1, 10_000)
+    share = np.sqrt(p * (1 - p))
+    np.testing.assert_allclose(found / found.sum(), share / share.sum(), atol=2e-3)
+    # Through the strategy: unseen N_avg, p = 0 and p = 1 at the floor plus knapsack's
+    # fallback (the valued prompts' need is small, the rest goes to p = 0), budget spent.
+    rates = np.array([np.nan, 0.0, 1.0, 0.5, 0.5, 0.5])
+    rollouts = (
+        get_strategy("variance-proportional")
+        .allocate(request("variance-proportional", rates))
+        .rollouts
+    )
+    knapsack = get_strategy("knapsack").allocate(request("knapsack", rates)).rollouts
+    assert rollouts[0] == 8 and rollouts.sum() == 48
+    assert rollouts[1] > CONFIG.min_rollouts  # the fallback explored the unsolved prompt
+    assert rollouts[2] == CONFIG.min_rollouts
+    assert rollouts[3] == rollouts[4] == rollouts[5]  # equal variance, equal rollouts
+    # Where p differs, the two strategies disagree: knapsack values p = 0.1 prompts more
+    # than sqrt(p q) does relative to p = 0.5 (V = P(mixed) p q^2 favours low p).
+    mixed = np.array([0.1, 0.5, 0.5, 0.5, 0.9, 0.9])
+    assert not np.array_equal(
+        get_strategy("variance-proportional")
+        .allocate(request("variance-proportional", mixed))
+        .rollouts,
+        get_strategy("knapsack").allocate(request("knapsack", mixed)).rollouts,
+    )
+    assert knapsack.sum() == 48
+
+
+def test_variance_proportional_refuses_a_zero_floor():
+    with pytest.raises(ValueError, match="min_rollouts"):
+        variance_proportional_allocate(np.array([0.5]), 4, 0, 8)

@@ -8,6 +8,7 @@ import numpy as np
 from pipeline_lib.allocation.estimates import _fallback_need
 from pipeline_lib.allocation.increments import _water_fill
 from pipeline_lib.allocation.official import _allocate_official
+from pipeline_lib.allocation.proportional import variance_proportional_allocate
 from pipeline_lib.allocation.solver import knapsack_allocate, knapsack_allocate_tokens
 from pipeline_lib.allocation.value import (
     AllocationResult,
@@ -73,7 +74,9 @@ def allocate_rollouts(
     `fallback_confidence=None` turns the fallback off; `cost_estimate` picks the
     need estimate ("confidence": log(1 - alpha) / log(max(p, 1 - p)) with alpha =
     `fallback_confidence`; "expectation": 1 / (p (1 - p)) - 1). `value` is what
-    the optimiser maximises (`knapsack_allocate`); "gradient" needs the exact rules.
+    the optimiser maximises (`knapsack_allocate`); "gradient" needs the exact rules;
+    "variance" replaces the optimiser by `variance_proportional_allocate` (rollouts in
+    proportion to sqrt(p (1 - p)), the `variance-proportional` strategy).
 
     Args:
         success_rates: float[M], NaN for unseen or not-yet-valid prompts.
@@ -122,7 +125,11 @@ def allocate_rollouts(
             p[valued], fallback_confidence, cost_estimate, min_rollouts, max_rollouts
         )
         knapsack_budget = min(available, need)
-    if valued.any():
+    if valued.any() and value == "variance":
+        allocation[valued] = variance_proportional_allocate(
+            p[valued], knapsack_budget, min_rollouts, max_rollouts
+        )
+    elif valued.any():
         allocation[valued] = knapsack_allocate(
             p[valued], knapsack_budget, min_rollouts, max_rollouts, value=value
         )

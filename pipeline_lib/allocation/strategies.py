@@ -163,6 +163,34 @@ def knapsack(request: AllocationRequest) -> AllocationResult:
     )
 
 
+@register("variance-proportional", settings={"allocation_rules": "exact"})
+def variance_proportional(request: AllocationRequest) -> AllocationResult:
+    """Rollouts in proportion to sqrt(p (1 - p)) of the estimate, with knapsack's floors,
+    cap and fallback: `allocate_rollouts` with the optimiser replaced by
+    `allocation.proportional.variance_proportional_allocate` (the integer optimum of the
+    summed variance sum_i p_i (1 - p_i) / N_i, the objective of VIP, arXiv 2602.01601,
+    whose repository holds no code). Deviation: VIP estimates p with a Gaussian process
+    over prompt embeddings and solves a convex program; here p is the status estimate
+    every strategy sees, and the integer optimum is exact. Exact rules always (the
+    official rules know only V); the token budget is not offered.
+    """
+    config = request.config
+    return allocate_rollouts(
+        request.success_rates,
+        request.budget_rollouts,
+        strategy="knapsack",
+        rules="exact",
+        min_rollouts=config.min_rollouts,
+        max_rollouts=config.max_rollouts,
+        unseen_rollouts=config.rollouts_per_prompt,
+        negative_rollouts=config.unsolved_rollouts,
+        positive_rollouts=config.solved_rollouts,
+        fallback_confidence=config.fallback_confidence,
+        cost_estimate=config.fallback_cost,
+        value="variance",
+    )
+
+
 @register("uniform-4x", budget_multiplier=4)
 @register("uniform-2x", budget_multiplier=2)
 @register("uniform-0.5x", budget_multiplier=0.5)

@@ -11,8 +11,9 @@ import numpy as np
 AllocationStrategy = Literal["knapsack", "uniform"]
 AllocationRules = Literal["exact", "official"]
 # What a prompt's rollouts are worth: V = P(both outcomes) * InfoGain (the paper), or
-# P(both outcomes) alone (an ablation: the chance of a non-zero gradient, unweighted).
-RolloutValue = Literal["info_gain", "gradient"]
+# P(both outcomes) alone (an ablation: the chance of a non-zero gradient, unweighted),
+# or minus the estimate's variance p (1 - p) / N (variance-proportional allocation).
+RolloutValue = Literal["info_gain", "gradient", "variance"]
 CostEstimate = Literal["confidence", "expectation"]
 
 
