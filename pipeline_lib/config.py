@@ -541,8 +541,11 @@ def describe_section(model: type[BaseModel], prefix: str = "") -> list[str]:
             lines += describe_section(annotation, f"{prefix}{name}.")
             continue
         default = field.get_default(call_default_factory=True)
+        items = get_args(annotation)[0] if get_origin(annotation) is tuple else None
         if get_origin(annotation) is Literal:
             kind = "one of " + "|".join(str(value) for value in get_args(annotation))
+        elif get_origin(items) is Literal:  # e.g. train.strategies: the allowed names
+            kind = "list of " + "|".join(str(value) for value in get_args(items))
         else:
             kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         bounds = "".join(

@@ -97,4 +97,9 @@ def test_every_params_field_is_documented_and_listed_by_help():
         [sys.executable, "-m", "flows.train", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert 'train.allocation_rules (one of exact|official; default "exact")' in help_text
+    # Every registered strategy is named as an allowed value of train.strategies.
+    from pipeline_lib.allocation.strategies import STRATEGIES
+
+    allowed = help_text.split("train.strategies (list of ", 1)[1].split(";", 1)[0].split("|")
+    assert set(allowed) == set(STRATEGIES)
     assert "train.ppo_mini_batches" in help_text and "bootstrap.sft" not in help_text
