@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -46,6 +47,7 @@ from pipeline_lib.comparison.runs import (
 )
 from pipeline_lib.comparison.stats import compare_summary
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.data.layout import heldout_table
 from pipeline_lib.import_graph import module_closure_files
 from pipeline_lib.rollout.base import RolloutEngine
 from pipeline_lib.tracking import Tracker
@@ -188,6 +190,16 @@ def record_metrics(record: Mapping) -> dict[str, float]:
     return metrics | {f"summary/{k}": v for k, v in record["compute_totals"].items()}
 
 
+def heldout_levels(config: PipelineConfig, num_prompts: int):
+    """int[num_prompts]: the levels of the held-out prompts the runs scored (the first
+    train.eval_prompts of the held-out table); None when the table has no level column
+    (real benchmarks)."""
+    table = pd.read_parquet(heldout_table(Path(config.prepare.output_dir)))
+    if "level" not in table.columns:
+        return None
+    return table["level"].to_numpy()[:num_prompts]
+
+
 def write_comparison(
     config: PipelineConfig,
     records: Sequence[Mapping],
@@ -198,7 +210,10 @@ def write_comparison(
     """metrics/compare.json, the plots (PNG) and the curves, also on the parent run."""
     arms = config.compare.arms
     metric = config.compare.primary_metric
-    summary = compare_summary(config.compare.baseline, arm_runs(records, arms, metric), metric)
+    levels = heldout_levels(config, len(records[0]["prompt_scores"])) if records else None
+    summary = compare_summary(
+        config.compare.baseline, arm_runs(records, arms, metric), metric, levels
+    )
     summary["steps"] = config.compare.steps
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n")

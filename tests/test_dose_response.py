@@ -147,3 +147,22 @@ def test_compare_summary_carries_per_seed_primary_values_the_control_and_equival
     assert "predates the positive control" in positive_control_text(
         compare_summary("uniform", arms)
     )
+
+
+def test_the_hardest_level_secondary_averages_only_that_levels_prompts_per_seed():
+    seeds = (0, 1, 2)
+    curve = _runs([0.5, 0.5, 0.5], 0.5).curves[0]
+    # Prompts at levels 2, 5, 5, 3: the hardest level is 5, prompts 1 and 2.
+    scores = np.array([[1.0, 0.2, 0.4, 0.9], [1.0, 0.4, 0.6, 0.9], [1.0, 0.0, 0.2, 0.9]])
+    runs = ArmRuns(seeds, scores, np.full(3, 0.5), (curve,) * 3, (0.5, 0.5, 0.5))
+    summary = compare_summary("uniform", {"uniform": runs}, None, np.array([2, 5, 5, 3]))
+    entry = summary["arms"]["uniform"]
+    assert summary["hardest_level"] == 5
+    assert entry["hardest_level_accuracy"] == pytest.approx([0.3, 0.5, 0.1])
+    low, high = entry["hardest_level_accuracy_ci"]
+    assert low < 0.3 < high
+    with pytest.raises(ValueError, match="3 levels for 4 held-out prompts"):
+        compare_summary("uniform", {"uniform": runs}, None, np.array([2, 5, 5]))
+    table = compare_markdown_table(summary).splitlines()
+    assert table[0].endswith("| level 5 accuracy (95 % CI) |")
+    assert table[2].endswith(f"| 0.300 ({low:.3f} to {high:.3f}) |")

@@ -287,7 +287,10 @@ def _by_seed(runs: ArmRuns) -> dict[int, float]:
 
 
 def compare_summary(
-    baseline: str, arms: Mapping[str, ArmRuns], primary_metric: str | None = None
+    baseline: str,
+    arms: Mapping[str, ArmRuns],
+    primary_metric: str | None = None,
+    prompt_levels: np.ndarray | None = None,
 ) -> dict:
     """The `metrics/compare.json` dict: per arm its accuracy over seeds with a t-interval,
     its paired difference to `baseline` and the compute it needed to match it; with a
@@ -296,7 +299,9 @@ def compare_summary(
     (`dose_response`).
 
     `rollouts`, `tokens` (completion tokens generated) and `seconds` (rollout + update
-    + weight sync) are each run's totals averaged over the arm's seeds.
+    + weight sync) are each run's totals averaged over the arm's seeds. With
+    `prompt_levels` (int[J], the held-out prompts' difficulty levels), a secondary: each
+    arm's final accuracy on the hardest level (`hardest_level_accuracy`).
     """
     if baseline not in arms:
         raise ValueError(f"baseline {baseline!r} is not among the arms {list(arms)}")
@@ -314,7 +319,23 @@ def compare_summary(
     }
     if primary_metric:
         add_dose_response(summary, arms, primary_metric)
+    if prompt_levels is not None:
+        add_hardest_level(summary, arms, np.asarray(prompt_levels))
     return summary
+
+
+def add_hardest_level(summary: dict, arms: Mapping[str, ArmRuns], levels: np.ndarray) -> None:
+    """Secondary metric: final held-out accuracy on the highest level, per seed, with its
+    t-interval (the prompts a method that helps hard prompts should move most)."""
+    hardest = int(levels.max())
+    summary["hardest_level"] = hardest
+    for name, runs in arms.items():
+        scores = np.asarray(runs.prompt_scores, np.float64)
+        if scores.shape[1] != levels.size:
+            raise ValueError(f"{levels.size} levels for {scores.shape[1]} held-out prompts")
+        per_seed = scores[:, levels == hardest].mean(axis=1)
+        summary["arms"][name]["hardest_level_accuracy"] = [float(v) for v in per_seed]
+        summary["arms"][name]["hardest_level_accuracy_ci"] = _interval(accuracy_interval(per_seed))
 
 
 def add_dose_response(summary: dict, arms: Mapping[str, ArmRuns], primary_metric: str) -> None:

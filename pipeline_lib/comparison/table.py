@@ -17,6 +17,8 @@ COMPARE_COLUMNS = (
 )
 # With a pre-registered primary metric (compare.json's `primary_metric`): two more.
 PRIMARY_COLUMNS = ("{primary_metric} (95 % CI)", "uniform-equivalent compute (95 % CI)")
+# With compare.json's `hardest_level` (a secondary): one more.
+HARDEST_COLUMN = ("level {hardest_level} accuracy (95 % CI)",)
 
 
 def _ratio(value: float | None) -> str:
@@ -55,6 +57,9 @@ def compare_rows(summary: Mapping) -> list[list[str]]:
         ]
         if "primary_metric" in summary:
             row += [_mean_ci(arm.get("primary_mean"), arm.get("primary_ci")), _equivalent(arm)]
+        if "hardest_level" in summary:
+            per_seed = arm["hardest_level_accuracy"]
+            row.append(_mean_ci(sum(per_seed) / len(per_seed), arm["hardest_level_accuracy_ci"]))
         rows.append(row)
     return rows
 
@@ -113,7 +118,12 @@ def positive_control_text(summary: Mapping) -> str:
 def compare_markdown_table(summary: Mapping) -> str:
     """The comparison table in Markdown, generated from a compare.json dict."""
     columns = COMPARE_COLUMNS + (PRIMARY_COLUMNS if "primary_metric" in summary else ())
-    names = {"baseline": summary["baseline"], "primary_metric": summary.get("primary_metric")}
+    columns += HARDEST_COLUMN if "hardest_level" in summary else ()
+    names = {
+        "baseline": summary["baseline"],
+        "primary_metric": summary.get("primary_metric"),
+        "hardest_level": summary.get("hardest_level"),
+    }
     header = [c.format(**names) for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in compare_rows(summary)]
