@@ -38,8 +38,7 @@ from tasks.compare import (
 from tasks.engines import open_engine
 from tasks.train import check_training_pool
 
-METRICS_PATH = Path("metrics/compare.json")
-PLOTS_DIR = Path("metrics/compare")
+METRICS_DIR = Path("metrics")  # <result_name>.json and <result_name>/ plots per set
 
 
 def shared_inputs(config: PipelineConfig) -> RunInputs:
@@ -57,7 +56,8 @@ def compare(params_path: str = "params.yaml", overrides: dict | None = None) -> 
         config = load_stage_config(params_path, overrides)
         inputs = shared_inputs(config)
         # Seed-major: each seed's arms finish together, so a stopped comparison leaves pairs.
-        pairs = [(arm, seed) for seed in config.compare.seeds for arm in config.compare.arms]
+        arms = config.compare.selected_arms
+        pairs = [(arm, seed) for seed in config.compare.seeds for arm in arms]
     with comparison_run(config) as parent:
         records, missing = [], []
         with clock.phase("reuse"):
@@ -74,7 +74,10 @@ def compare(params_path: str = "params.yaml", overrides: dict | None = None) -> 
         else:
             trained = train_deployed(config, missing, inputs, params_path, overrides, parent)
         with clock.phase("outputs"):
-            summary = write_comparison(config, records + trained, METRICS_PATH, PLOTS_DIR, parent)
+            name = config.compare.result_name
+            summary = write_comparison(
+                config, records + trained, METRICS_DIR / f"{name}.json", METRICS_DIR / name, parent
+            )
         timing = overhead(clock, trained)
         parent.log_metrics({f"compare/{k}": v for k, v in timing.items()})
     print(f"compare: {json.dumps(timing)}")

@@ -16,8 +16,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.common import load_stage_config, run_flow_cli
-from pipeline_lib.presets import load_preset
 from pipeline_lib.adapters.mlflow_runs import PARENT_ENV, find_or_create_parent, record_final_lock
+from pipeline_lib.presets import load_preset
 from tasks.storage import push_outputs, record_pushed_state
 
 

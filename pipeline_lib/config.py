@@ -384,6 +384,25 @@ class CompareConfig(Section):
     baseline: StrategyName = Field(
         "uniform", description="The arm every other arm is compared against (one of `arms`)."
     )
+    sets: dict[str, tuple[StrategyName, ...]] = Field(
+        {
+            "followups": (
+                "knapsack",
+                "uniform-0.5x",
+                "uniform",
+                "uniform-2x",
+                "variance-proportional",
+            )
+        },
+        description="Further comparisons by name, each a list of arms run with the same "
+        "seeds, steps, baseline and primary metric (`make compare SET=<name>`); runs "
+        "already finished by any set are reused, not retrained.",
+    )
+    set: str = Field(
+        "default",
+        description="The arms this comparison runs: `default` = `arms` (metrics/compare.json), "
+        "or a name in `sets` (metrics/compare_<name>.json and metrics/compare_<name>/).",
+    )
     primary_metric: Literal["heldout_auc", "final_accuracy"] = Field(
         "heldout_auc",
         description="The pre-registered primary metric of every run: heldout_auc (area "
@@ -418,9 +437,28 @@ class CompareConfig(Section):
         for name, values in (("arms", self.arms), ("seeds", self.seeds)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} must not repeat a value, got {list(values)}")
-        if self.baseline not in self.arms:
-            raise ValueError(f"baseline {self.baseline!r} is not among the arms {list(self.arms)}")
+        if self.set != "default" and self.set not in self.sets:
+            known = ", ".join(["default", *self.sets])
+            raise ValueError(f"set {self.set!r} is not a comparison set; known: {known}")
+        for name, arms in {"default": self.arms, **self.sets}.items():
+            if len(set(arms)) != len(arms) or not arms:
+                raise ValueError(f"set {name!r} must name distinct arms, got {list(arms)}")
+            if self.baseline not in arms:
+                raise ValueError(
+                    f"baseline {self.baseline!r} is not among the arms of set {name!r}: "
+                    f"{list(arms)}"
+                )
         return self
+
+    @property
+    def selected_arms(self) -> tuple[str, ...]:
+        """The arms of the selected set (`set`)."""
+        return self.arms if self.set == "default" else self.sets[self.set]
+
+    @property
+    def result_name(self) -> str:
+        """`compare` for the default set, `compare_<set>` otherwise: metrics/<name>.json."""
+        return "compare" if self.set == "default" else f"compare_{self.set}"
 
 
 class TrackingConfig(Section):

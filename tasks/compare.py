@@ -208,7 +208,7 @@ def write_comparison(
     parent: Tracker,
 ) -> dict:
     """metrics/compare.json, the plots (PNG) and the curves, also on the parent run."""
-    arms = config.compare.arms
+    arms = config.compare.selected_arms
     metric = config.compare.primary_metric
     levels = heldout_levels(config, len(records[0]["prompt_scores"])) if records else None
     summary = compare_summary(

@@ -46,11 +46,30 @@ def test_compare_defaults_are_four_arms_three_seeds_against_uniform():
         ({"seeds": []}, "compare.seeds"),
         ({"steps": 0}, "compare.steps"),
         ({"step": 10}, "unknown key 'compare.step'"),
+        ({"set": "followup"}, "set 'followup' is not a comparison set; known: default, followups"),
+        (
+            {"sets": {"mine": ["knapsack"]}},
+            "baseline 'uniform' is not among the arms of set 'mine'",
+        ),
+        ({"sets": {"mine": ["uniform", "uniform"]}}, "set 'mine' must name distinct arms"),
+        ({"sets": {"mine": ["uniform", "greedy"]}}, "compare.sets.mine.1"),
     ],
 )
 def test_bad_compare_settings_fail_naming_the_key(compare, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({"compare": compare})
+
+
+def test_a_set_selects_its_arms_and_its_own_metrics_file_with_the_same_run_keys():
+    default = parse_config({}).compare
+    followups = parse_config({"compare": {"set": "followups"}})
+    assert default.selected_arms == default.arms and default.result_name == "compare"
+    assert followups.compare.selected_arms == followups.compare.sets["followups"]
+    assert followups.compare.result_name == "compare_followups"
+    # A run's key does not depend on the set that asks for it: finished runs are reused.
+    assert run_key(followups, "uniform", 0, INPUTS) == run_key(
+        parse_config({}), "uniform", 0, INPUTS
+    )
 
 
 def test_every_field_of_the_compare_section_has_a_description():
@@ -184,12 +203,15 @@ def test_the_readme_table_is_rewritten_between_the_markers_only():
     assert summary["arms"]["knapsack"]["accuracy_mean"] > 0
 
 
-def test_readme_comparison_block_is_generated_from_the_committed_compare_json():
+@pytest.mark.parametrize("comparison_set", ["default", "followups"])
+def test_readme_comparison_block_is_generated_from_the_committed_compare_json(comparison_set):
     """The README's table equals what ops/compare_table.py makes of metrics/compare.json
-    (or the placeholder while no comparison is committed): it is never typed by hand."""
+    (metrics/compare_<set>.json for another set; the placeholder while none is
+    committed): it is never typed by hand."""
     readme = (REPO_ROOT / "README.md").read_text()
-    block = compare_table.table_block(REPO_ROOT / "metrics" / "compare.json")
-    assert compare_table.rewrite(readme, block) == readme
+    path = REPO_ROOT / compare_table.compare_json_path(comparison_set)
+    block = compare_table.table_block(path)
+    assert compare_table.rewrite(readme, block, comparison_set) == readme
 
 
 def test_the_block_does_not_depend_on_where_compare_json_is_read_from(tmp_path):

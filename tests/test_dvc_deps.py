@@ -21,7 +21,7 @@ READS = {"evaluate": ["metrics/train.json"]}
 
 def stage_modules(stage: str) -> set[str]:
     command = STAGES[stage]["cmd"]
-    match = re.fullmatch(r"python -m (flows\.\w+)", command)
+    match = re.fullmatch(r"python -m (flows\.\w+)( -S [\w.]+=\w+)*", command)
     assert match, f"stage {stage}: command {command!r} is not `python -m flows.<stage>`"
     return closure(import_graph(), match.group(1))
 

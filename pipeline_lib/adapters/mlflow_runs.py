@@ -358,13 +358,15 @@ def comparison_run(config: PipelineConfig) -> Iterator[Tracker]:
     compare = config.compare
     uri = prepare_tracking_store(config)
     note = (
-        f"**Comparison** of {', '.join(compare.arms)} against {compare.baseline}: seeds "
+        f"**Comparison** ({compare.set}) of {', '.join(compare.selected_arms)} against "
+        f"{compare.baseline}: seeds "
         f"{list(compare.seeds)}, {compare.steps} steps each, one start policy; "
         f"commit `{git_commit()[:12]}`. Children: one run per arm x seed."
     )
     tags = {
         "stage": "compare",
-        "arms": ",".join(compare.arms),
+        "arms": ",".join(compare.selected_arms),
+        "compare_set": compare.set,
         "seeds": ",".join(map(str, compare.seeds)),
         "git_commit": git_commit(),
         NOTE_TAG: note,
@@ -372,7 +374,7 @@ def comparison_run(config: PipelineConfig) -> Iterator[Tracker]:
     with start_run(
         uri,
         config.tracking.experiment,
-        run_name=f"compare-{config.fingerprint()[:8]}",
+        run_name=f"{compare.result_name}-{config.fingerprint()[:8]}",
         tags=tags,
         artifact_location=config.tracking.artifact_location,
     ) as parent:
