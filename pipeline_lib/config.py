@@ -163,7 +163,13 @@ StrategyName = Literal[
     "knapsack-equal-weight",
     # The follow-up allocators (issue 22): compared in compare.sets.followups.
     "variance-proportional",
+    "greso",
 ]
+
+
+# The follow-ups comparison (issue 22): knapsack, the uniform doses, the new allocators.
+FOLLOWUP_ARMS = ("knapsack", "uniform-0.5x", "uniform", "uniform-2x")
+FOLLOWUP_ARMS += ("variance-proportional", "greso")
 
 
 class TrainConfig(Section):
@@ -179,7 +185,8 @@ class TrainConfig(Section):
         "until prompts_per_step groups have mixed rewards); ablations: knapsack-no-fallback, "
         "knapsack-gradient-only (value = P(non-zero gradient)), knapsack-official (the "
         "paper code's rules), knapsack-equal-weight (group_weighting: equal); follow-ups: "
-        "variance-proportional (rollouts in proportion to sqrt(p(1-p))).",
+        "variance-proportional (rollouts in proportion to sqrt(p(1-p))), greso (GRESO: "
+        "skip prompts whose latest visits had no reward variance, adaptively; refill).",
     )
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
     prompts_per_step: int = Field(64, gt=0, description="M: prompts drawn per step.")
@@ -385,15 +392,7 @@ class CompareConfig(Section):
         "uniform", description="The arm every other arm is compared against (one of `arms`)."
     )
     sets: dict[str, tuple[StrategyName, ...]] = Field(
-        {
-            "followups": (
-                "knapsack",
-                "uniform-0.5x",
-                "uniform",
-                "uniform-2x",
-                "variance-proportional",
-            )
-        },
+        {"followups": FOLLOWUP_ARMS},
         description="Further comparisons by name, each a list of arms run with the same "
         "seeds, steps, baseline and primary metric (`make compare SET=<name>`); runs "
         "already finished by any set are reused, not retrained.",

@@ -86,6 +86,10 @@ STATUS_SCHEMA = pa.DataFrameSchema(
         ),
         "beta_successes": pa.Column("float64", pa.Check.ge(0.0)),
         "beta_failures": pa.Column("float64", pa.Check.ge(0.0)),
+        # Consecutive latest visits whose rollouts all succeeded / all failed (GRESO's
+        # skip rule reads them); at most one of the two is non-zero.
+        "solved_streak": pa.Column("int64", pa.Check.ge(0)),
+        "unsolved_streak": pa.Column("int64", pa.Check.ge(0)),
     },
     checks=[
         pa.Check(
@@ -104,6 +108,9 @@ STATUS_SCHEMA = pa.DataFrameSchema(
 )
 
 _COLUMNS = list(STATUS_SCHEMA.columns)
+# Integer columns a prompt's first visit starts from 0.
+_COUNT_COLUMNS = ("visits", "total_rollouts", "total_successes", "total_tokens")
+_COUNT_COLUMNS += ("solved_streak", "unsolved_streak")
 
 
 def empty_status() -> pd.DataFrame:
@@ -168,8 +175,7 @@ def record_visit(
     elapsed = np.where(seen, epoch - previous["last_epoch"].to_numpy(dtype=float), 0.0)
     keep = beta_decay**elapsed
     old = previous.fillna(
-        {c: 0 for c in ("visits", "total_rollouts", "total_successes", "total_tokens")}
-        | {"beta_successes": 0.0, "beta_failures": 0.0}
+        {c: 0 for c in _COUNT_COLUMNS} | {"beta_successes": 0.0, "beta_failures": 0.0}
     )
     windows = [
         _push_window(
@@ -197,6 +203,8 @@ def record_visit(
             "window_successes": pd.Series([w[1] for w in windows], dtype=object),
             "beta_successes": old["beta_successes"].to_numpy(dtype=float) * keep + s,
             "beta_failures": old["beta_failures"].to_numpy(dtype=float) * keep + (n - s),
+            "solved_streak": np.where(s == n, old["solved_streak"].to_numpy(np.int64) + 1, 0),
+            "unsolved_streak": np.where(s == 0, old["unsolved_streak"].to_numpy(np.int64) + 1, 0),
         }
     )
     untouched = status[~status["prompt_id"].isin(ids)]
@@ -289,6 +297,16 @@ def reward_counts(status: pd.DataFrame, prompt_ids: Sequence[str]) -> np.ndarray
     """Rewards recorded per prompt, int64[M] (0 for prompts never visited)."""
     rows = status.set_index("prompt_id").reindex([str(p) for p in prompt_ids])
     return rows["total_rollouts"].fillna(0).to_numpy(dtype=np.int64)
+
+
+def visit_streaks(status: pd.DataFrame, prompt_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(solved, unsolved) int64[M]: each prompt's run of latest all-success and all-failure
+    visits (0 for prompts never visited)."""
+    rows = status.set_index("prompt_id").reindex([str(p) for p in prompt_ids])
+    return tuple(
+        rows[column].fillna(0).to_numpy(dtype=np.int64)
+        for column in ("solved_streak", "unsolved_streak")
+    )
 
 
 def expected_tokens(status: pd.DataFrame, prompt_ids: Sequence[str], default: float) -> np.ndarray:

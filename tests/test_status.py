@@ -210,9 +210,21 @@ def batch_status(visits, window_size, beta_decay):
                 "beta_failures": sum(
                     w * (n - s) for w, (_, n, s) in zip(weights, hist, strict=True)
                 ),
+                "solved_streak": trailing(newest_first, lambda n, s: s == n),
+                "unsolved_streak": trailing(newest_first, lambda n, s: s == 0),
             }
         )
     return per_prompt, rows
+
+
+def trailing(newest_first, holds) -> int:
+    """How many of the latest visits, counted back from the newest, satisfy `holds`."""
+    count = 0
+    for _, n, s in newest_first:
+        if not holds(n, s):
+            break
+        count += 1
+    return count
 
 
 def beta_oracle(successes, failures, alpha, beta):

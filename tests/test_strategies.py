@@ -213,3 +213,18 @@ def test_variance_proportional_follows_sqrt_p_q_and_keeps_knapsacks_floors_and_f
 def test_variance_proportional_refuses_a_zero_floor():
     with pytest.raises(ValueError, match="min_rollouts"):
         variance_proportional_allocate(np.array([0.5]), 4, 0, 8)
+
+
+def test_greso_gives_n_avg_to_kept_prompts_and_0_to_skipped_ones():
+    status = empty_status()
+    ids = ["a", "b", "c", "d", "e", "f"]
+    for epoch in range(4):  # a..c always fail, d always solves, e f mixed
+        status = record_visit(status, epoch, ids, [8] * 6, [0, 0, 0, 8, 4, 2])
+    allocation = allocate(status, ids, CONFIG, "greso", {"p_easy": 0.0, "p_hard": 0.0}, seed=1)
+    rollouts = allocation.rollouts
+    assert set(rollouts.tolist()) <= {0, 8} and rollouts[4] == rollouts[5] == 8
+    assert rollouts.sum() <= get_strategy("greso").budget_rollouts(CONFIG)
+    fresh = allocate(empty_status(), ids, CONFIG, "greso", seed=1).rollouts
+    assert fresh.tolist() == [8] * 6  # nothing seen, nothing skipped: the full budget
+    with pytest.raises(ValueError, match="visit streaks"):
+        get_strategy("greso").allocate(request("greso"))

@@ -246,3 +246,22 @@ def test_token_budget_spends_expected_completion_tokens(setup, tmp_path):
     # max_new_tokens = 4 bounds every completion, so no prompt averages more than 4 tokens.
     assert (visited.total_tokens <= 4 * visited.total_rollouts).all()
     assert steps["alloc/mean_rollouts"].iloc[1:].min() > 0
+
+
+def test_greso_logs_its_skips_and_carries_its_exploration_probabilities_step_to_step(
+    setup, tmp_path
+):
+    """32 prompts, 8 a step: step 1 has no visit to skip on; later steps' refill rounds draw
+    prompts visited before, which the untrained model mostly failed. Epoch 1 (steps 5-6)
+    is the first whose steps move GRESO's probabilities (by 0.01 each)."""
+    result, _, _ = run(setup, tmp_path, strategy="greso", steps=6)
+    trained = result.steps[result.steps.step > 0].set_index("step")
+    first_epoch, second_epoch = trained.loc[1:4], trained.loc[5:6]
+    assert trained.loc[1, "rollout/skipped_prompts"] == 0
+    assert trained["rollout/skipped_prompts"].sum() > 0
+    assert (first_epoch[["strategy/p_easy", "strategy/p_hard"]] == 0.5).all().all()
+    for key in ("strategy/p_easy", "strategy/p_hard"):
+        steps = np.diff(np.r_[0.5, second_epoch[key].to_numpy()])
+        np.testing.assert_allclose(np.abs(steps), 0.01)
+    rolled = trained["alloc/mean_rollouts"] * trained["rollout/prompts"]
+    assert (trained["compute/rollouts"] == rolled).all()  # skipped prompts cost nothing

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline_lib.allocation import greso
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.prompts import PromptSet
 from pipeline_lib.rollout.base import Completion, GenerationStats, SamplingConfig
-from pipeline_lib.status import empty_status
+from pipeline_lib.status import empty_status, record_visit, visit_streaks
 from pipeline_lib.training.compute import StepSeconds, accumulate, step_compute
 from pipeline_lib.training.steps import (
     advantages,
@@ -20,6 +21,7 @@ from pipeline_lib.training.steps import (
     refill_prompts,
     sample_step,
     step_metrics,
+    strategy_state,
     update_rows,
 )
 
@@ -225,3 +227,66 @@ def test_a_step_must_fit_the_pool():
     check_step_fits_pool(64, 64)
     with pytest.raises(ValueError, match="prompts_per_step 65 exceeds the 64 prompts"):
         check_step_fits_pool(64, 65)
+
+
+def test_greso_skips_zero_variance_prompts_before_rollout_and_pays_only_for_rolled_ones(pool):
+    """Prompts 0 and 3 failed their last 3 visits, prompt 1 solved them, prompt 2 was mixed;
+    with exploration probabilities 0 they are kept with GRESO's floor 0.01 only."""
+    status = empty_status()
+    history = {0: 0, 1: 4, 2: 2, 3: 0}  # successes of 4 rollouts, every epoch
+    for epoch in range(3):
+        status = record_visit(status, epoch, pool.ids[:4], [4] * 4, list(history.values()))
+    solved, unsolved = visit_streaks(status, pool.ids[:4])
+    assert solved.tolist() == [0, 3, 0, 0] and unsolved.tolist() == [3, 0, 0, 3]
+    engine = ScriptedEngine(pool.answers, SUCCESSES)
+    state = {"p_easy": 0.0, "p_hard": 0.0}
+    rollouts = sample_step(
+        engine, pool, status, np.arange(4), np.arange(4, 12), "greso", CONFIG,
+        SamplingConfig(max_new_tokens=2, seed=7), state,
+    )  # fmt: skip
+    # The draws replayed: skipped where a uniform draw is >= the keep probability.
+    keep = greso.keep_probabilities(solved, unsolved, state)
+    np.testing.assert_allclose(keep, [0.01, 0.01, 1.0, 0.01])
+    skipped = np.random.default_rng([7, 11]).random(4) >= keep
+    assert skipped.tolist() == [True, True, False, True]  # this seed keeps no floor prompt
+    assert rollouts.skipped == 3 and rollouts.own == 1
+    assert rollouts.own_indices.tolist() == [2]
+    # Round 0 rolls out prompt 2 only; refills (no history: always kept) as dynamic sampling.
+    assert engine.calls == [[4], [4, 4, 4, 4], [4, 4, 4, 4]]
+    assert rollouts.indices.tolist() == [2, *range(4, 12)]
+    completions, row_advantages = update_rows(rollouts, CONFIG)
+    spent = step_compute(rollouts, completions, row_advantages, StepSeconds(1.0, 1.0, 0.0))
+    assert spent["compute/rollouts"] == 36  # 9 prompts x 4: the skipped cost nothing
+    assert np.flatnonzero(rollouts.kept).tolist() == [0, 2, 5, 6]  # prompts 2, 5, 8, 9
+    recorded = record_status(
+        status, 3, [pool.ids[i] for i in rollouts.own_indices], rollouts.allocation,
+        rollouts.batch, CONFIG,
+    )  # fmt: skip
+    visits = recorded.set_index("prompt_id")["visits"].to_dict()
+    assert visits == {"p0": 3, "p1": 3, "p2": 4, "p3": 3}  # skipped prompts: no visit
+
+
+def test_greso_never_skips_unseen_or_mixed_prompts_and_spends_n_avg_on_the_rest(pool):
+    engine, rollouts = sample(pool, "greso")  # empty status: nothing to skip
+    assert rollouts.skipped == 0 and engine.calls[0] == [4, 4, 4, 4]
+    assert np.flatnonzero(rollouts.kept).tolist() == [2, 5, 8, 9]  # as dynamic sampling
+
+
+def test_greso_keep_probabilities_and_their_adaptation_follow_its_code():
+    state = {"p_easy": 0.5, "p_hard": 0.8}
+    keep = greso.keep_probabilities(np.array([0, 1, 3, 0, 0]), np.array([0, 0, 0, 2, 30]), state)
+    np.testing.assert_allclose(keep, [1.0, 0.5, 0.125, 0.64, 0.01])  # floor 0.01
+    # Targets: solved share alpha / 3 = 0.0833, unsolved 2 alpha / 3 = 0.1667 (alpha 0.25).
+    assert greso.adapt_keep(state, 0, 0.9, 0.9) == state  # first epoch: unchanged
+    moved = greso.adapt_keep(state, 1, 0.10, 0.10)  # many solved (skip more), few unsolved
+    assert moved == pytest.approx({"p_easy": 0.49, "p_hard": 0.81})
+    assert greso.adapt_keep({"p_easy": 0.05, "p_hard": 0.95}, 2, 0.5, 0.0) == pytest.approx(
+        {"p_easy": 0.05, "p_hard": 0.95}
+    )  # clamped to [0.05, 0.95]
+
+
+def test_a_strategys_state_is_read_back_from_the_last_history_record():
+    assert strategy_state([], "greso") == {"p_easy": 0.5, "p_hard": 0.5}
+    history = [{"step": 3, "strategy/p_easy": 0.47, "strategy/p_hard": 0.52}]
+    assert strategy_state(history, "greso") == {"p_easy": 0.47, "p_hard": 0.52}
+    assert strategy_state(history, "uniform") == {}

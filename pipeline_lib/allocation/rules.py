@@ -125,13 +125,9 @@ def allocate_rollouts(
             p[valued], fallback_confidence, cost_estimate, min_rollouts, max_rollouts
         )
         knapsack_budget = min(available, need)
-    if valued.any() and value == "variance":
-        allocation[valued] = variance_proportional_allocate(
-            p[valued], knapsack_budget, min_rollouts, max_rollouts
-        )
-    elif valued.any():
-        allocation[valued] = knapsack_allocate(
-            p[valued], knapsack_budget, min_rollouts, max_rollouts, value=value
+    if valued.any():
+        allocation[valued] = _optimise(
+            p[valued], knapsack_budget, min_rollouts, max_rollouts, value
         )
     surplus = int(total_budget) - int(allocation.sum())
     moved = 0
@@ -149,6 +145,14 @@ def allocate_rollouts(
         if receivers is unsolved or receivers is solved:
             moved += given
     return AllocationResult(allocation, moved, knapsack_budget)
+
+
+def _optimise(p: np.ndarray, budget: int, low: int, high: int, value: RolloutValue) -> np.ndarray:
+    """The valued prompts' rollouts: the knapsack optimum of `value`, or (value "variance")
+    the variance-proportional allocation."""
+    if value == "variance":
+        return variance_proportional_allocate(p, budget, low, high)
+    return knapsack_allocate(p, budget, low, high, value=value)
 
 
 def allocate_rollouts_by_tokens(

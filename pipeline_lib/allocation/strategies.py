@@ -15,6 +15,9 @@ what the training loop needs to know:
   groups with mixed rewards are found or after `max_sampling_rounds` rounds.
   Every round's rollouts count as spent compute; only the kept groups go into
   the update;
+- `skips`, `initial_state`, `adapt`: a strategy that skips prompts before rollout
+  (GRESO) gives them 0 rollouts, and carries a state from step to step (its
+  exploration probabilities), moved by `adapt` after each step;
 - `settings`: train settings the strategy fixes, whatever params.yaml says. The
   ablations are the knapsack function with one setting changed (the official
   rules bring their own validity rule, min_buffer_length 8, with them).
@@ -36,6 +39,7 @@ from pipeline_lib.allocation import (
     AllocationResult,
     allocate_rollouts,
     allocate_rollouts_by_tokens,
+    greso,
     uniform_allocate,
 )
 from pipeline_lib.config import TrainConfig
@@ -53,9 +57,19 @@ class AllocationRequest:
     """Rollouts to spend: budget_multiplier x prompts_per_step x N_avg."""
     config: TrainConfig
     """The train settings, with the strategy's own `settings` applied."""
+    solved_streaks: np.ndarray | None = None
+    """int[M] latest consecutive visits with every rollout correct (0 if unseen)."""
+    unsolved_streaks: np.ndarray | None = None
+    """int[M] latest consecutive visits with every rollout wrong (0 if unseen)."""
+    state: Mapping[str, float] = field(default_factory=dict)
+    """A stateful strategy's state after the previous step (`Strategy.adapt`)."""
+    rng: np.random.Generator | None = None
+    """Seeded by (run seed, step, round): for strategies that draw (GRESO's skips)."""
 
 
 AllocateFn = Callable[[AllocationRequest], AllocationResult]
+# (state, epoch, share of the step's rolled-out groups all correct, all wrong) -> state
+AdaptFn = Callable[[Mapping[str, float], int, float, float], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,12 @@ class Strategy:
     budget_multiplier: float = 1.0
     refill: bool = False
     settings: Mapping[str, Any] = field(default_factory=dict)
+    skips: bool = False
+    """Prompts it gives 0 rollouts leave the round before rollout (GRESO's skipping)."""
+    initial_state: Mapping[str, float] = field(default_factory=dict)
+    adapt: AdaptFn | None = None
+    """How the state moves after each step (kept in the run's metric history as
+    `strategy/<key>`, so a resumed run continues it)."""
 
     def budget_rollouts(self, config: TrainConfig) -> int:
         """The step's (or each round's) rollout budget, at least one rollout per prompt."""
@@ -90,13 +110,25 @@ def register(
     budget_multiplier: float = 1.0,
     refill: bool = False,
     settings: Mapping[str, Any] | None = None,
+    skips: bool = False,
+    initial_state: Mapping[str, float] | None = None,
+    adapt: AdaptFn | None = None,
 ) -> Callable[[AllocateFn], AllocateFn]:
     """Decorator: register `function` as strategy `name` (stackable: one function, many names)."""
 
     def add(function: AllocateFn) -> AllocateFn:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = Strategy(name, function, budget_multiplier, refill, dict(settings or {}))
+        STRATEGIES[name] = Strategy(
+            name,
+            function,
+            budget_multiplier,
+            refill,
+            dict(settings or {}),
+            skips,
+            dict(initial_state or {}),
+            adapt,
+        )
         return function
 
     return add
@@ -212,3 +244,23 @@ def dynamic_sampling(request: AllocationRequest) -> AllocationResult:
     """
     size = request.success_rates.size
     return AllocationResult(np.full(size, request.config.rollouts_per_prompt, np.int64), 0, 0)
+
+
+@register(
+    "greso", refill=True, skips=True, initial_state=greso.INITIAL_KEEP, adapt=greso.adapt_keep
+)
+def greso_skip(request: AllocationRequest) -> AllocationResult:
+    """GRESO (Infini-AI-Lab/GRESO, `verl/trainer/ttis/presampling_selector.py`, see
+    `allocation/greso.py` for the lines and the deviations): before rollout, skip each
+    prompt whose latest visits were all solved or all unsolved with GRESO's adaptive
+    probability (0 rollouts: it costs nothing); the others get N_avg each. The rounds
+    that fill the step with further prompts are DAPO's dynamic sampling (`refill`),
+    which GRESO's code builds on.
+    """
+    size = request.success_rates.size
+    if request.solved_streaks is None or request.unsolved_streaks is None or request.rng is None:
+        raise ValueError("greso needs the prompts' visit streaks and a seeded generator")
+    keep = greso.keep_probabilities(request.solved_streaks, request.unsolved_streaks, request.state)
+    rollouts = np.full(size, request.config.rollouts_per_prompt, np.int64)
+    rollouts[greso.skip_mask(keep, request.rng)] = 0
+    return AllocationResult(rollouts, 0, 0)

@@ -19,6 +19,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from pipeline_lib.allocation.strategies import get_strategy
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.prompts import PromptSet
 from pipeline_lib.rollout.base import Completion, RolloutEngine, SamplingConfig
@@ -27,13 +28,16 @@ from pipeline_lib.training.compute import StepSeconds, accumulate, step_compute
 from pipeline_lib.training.state import Checkpointer, TrainState
 from pipeline_lib.training.steps import (
     EpochDiagnostics,
+    StepRollouts,
     heldout_prompt_scores,
     record_status,
     refill_prompts,
     sample_step,
     step_metrics,
     step_prompts,
+    strategy_state,
     update_rows,
+    zero_variance_shares,
 )
 from pipeline_lib.update.core import Updater, build_update_batch
 
@@ -163,6 +167,7 @@ def _train_step(
         seed=run.seed * 100_003 + step,
     )
     started = time.perf_counter()
+    carried = strategy_state(state.history, run.strategy)
     rollouts = sample_step(
         engine,
         run.train_set,
@@ -172,9 +177,11 @@ def _train_step(
         run.strategy,
         config,
         sampling,
+        carried,
     )
     rollout_seconds = time.perf_counter() - started
-    ids = [run.train_set.ids[i] for i in indices]  # the step's own prompts come first
+    # The step's own (rolled-out) prompts come first.
+    ids = [run.train_set.ids[i] for i in rollouts.own_indices]
     state.status = record_status(
         state.status, epoch, ids, rollouts.allocation, rollouts.batch, config
     )
@@ -195,10 +202,27 @@ def _train_step(
         StepSeconds(rollout_seconds, update_seconds, sync_seconds),
     )
     metrics |= spent | accumulate(state.history[-1] if state.history else {}, spent)
+    metrics |= _strategy_metrics(run.strategy, carried, epoch, rollouts)
     diagnostics.add(epoch, rollouts.allocation, rollouts.batch)
     if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
         metrics["eval/accuracy"] = evaluate()
     return {"step": step + 1, "epoch": epoch} | metrics
+
+
+def _strategy_metrics(
+    strategy: str, carried: dict[str, float], epoch: int, rollouts: StepRollouts
+) -> dict[str, float]:
+    """A skipping strategy's prompts skipped this step and its state after it (as
+    `strategy/<key>`, which the next step reads back); nothing for the others."""
+    chosen = get_strategy(strategy)
+    if not chosen.skips:
+        return {}
+    metrics = {"rollout/skipped_prompts": float(rollouts.skipped)}
+    if chosen.adapt is not None:
+        shares = zero_variance_shares(rollouts.batch)
+        moved = chosen.adapt(carried, epoch, *shares)
+        metrics |= {f"strategy/{key}": value for key, value in moved.items()}
+    return metrics
 
 
 def _update(

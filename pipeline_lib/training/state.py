@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 import transformers
@@ -157,4 +158,7 @@ def load_status(path: str | os.PathLike[str]) -> pd.DataFrame:
             [[int(v) for v in values] for values in table[column]], index=table.index, dtype=object
         )
     table["prompt_id"] = table["prompt_id"].astype("str")
+    for column in ("solved_streak", "unsolved_streak"):  # tables saved before they existed
+        if column not in table.columns:
+            table[column] = np.zeros(len(table), dtype=np.int64)
     return STATUS_SCHEMA.validate(table)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -28,6 +28,7 @@ from pipeline_lib.status import (
     expected_tokens,
     record_visit,
     reward_counts,
+    visit_streaks,
 )
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.training.plots import allocation_histogram, calibration_plot
@@ -80,10 +81,16 @@ def refill_prompts(num_prompts: int, step: int, seed: int, exclude: np.ndarray) 
 
 
 def allocate(
-    status: pd.DataFrame, ids: Sequence[str], config: TrainConfig, strategy: str
+    status: pd.DataFrame,
+    ids: Sequence[str],
+    config: TrainConfig,
+    strategy: str,
+    state: Mapping[str, float] | None = None,
+    seed: int | None = None,
 ) -> StepAllocation:
     """Rollouts per prompt for one step (or sampling round) under the named strategy
-    (with the settings it fixes: an ablation's rules also decide which estimates count)."""
+    (with the settings it fixes: an ablation's rules also decide which estimates count).
+    `state` is a stateful strategy's (GRESO's) state, `seed` seeds its draws."""
     started = time.perf_counter()
     chosen = get_strategy(strategy)
     config = chosen.configure(config)
@@ -98,11 +105,16 @@ def allocate(
     predicted = invalidate_short_histories(
         predicted, reward_counts(status, ids), config.buffer_length
     )
+    solved, unsolved = visit_streaks(status, ids)
     request = AllocationRequest(
         success_rates=predicted,
         tokens_per_rollout=expected_tokens(status, ids, default=config.max_new_tokens),
         budget_rollouts=chosen.budget_rollouts(config),
         config=config,
+        solved_streaks=solved,
+        unsolved_streaks=unsolved,
+        state=dict(chosen.initial_state if state is None else state),
+        rng=np.random.default_rng([0 if seed is None else seed, 11]),
     )
     return StepAllocation(predicted, chosen.allocate(request), time.perf_counter() - started)
 
@@ -167,6 +179,15 @@ class StepRollouts:
     batch: RolloutBatch
     kept: np.ndarray
     rounds: int
+    own: int | None = None
+    """How many of `indices` (the first ones) are the step's own prompts that were rolled
+    out: all of them unless a skipping strategy (GRESO) skipped some; None: all."""
+    skipped: int = 0
+    """Prompts a skipping strategy drew and did not roll out (no compute spent)."""
+
+    @property
+    def own_indices(self) -> np.ndarray:
+        return self.indices if self.own is None else self.indices[: self.own]
 
 
 def sample_step(
@@ -178,6 +199,7 @@ def sample_step(
     strategy: str,
     config: TrainConfig,
     sampling: SamplingConfig,
+    state: Mapping[str, float] | None = None,
 ) -> StepRollouts:
     """Allocate and collect one step's rollouts of prompts `indices` under `strategy`.
 
@@ -186,34 +208,70 @@ def sample_step(
     rewards are found or `max_sampling_rounds` rounds have run; the first
     prompts_per_step such groups, in draw order, are kept for the update (DAPO's
     truncation). Otherwise every group is kept (all-equal groups get advantage 0).
+    A skipping strategy's prompts with 0 rollouts leave the round before rollout.
     """
     rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]] = []
-    drawn, queue, found = indices, refill, 0
-    refills = get_strategy(strategy).refill
-    for round_index in range(config.max_sampling_rounds if refills else 1):
+    drawn, queue, found, skipped, own = indices, refill, 0, 0, None
+    chosen = get_strategy(strategy)
+    for round_index in range(config.max_sampling_rounds if chosen.refill else 1):
         if round_index > 0:
             drawn, queue = queue[: config.prompts_per_step], queue[config.prompts_per_step :]
             if drawn.size == 0:  # the pool is used up
                 break
-        allocation = allocate(status, [prompts.ids[i] for i in drawn], config, strategy)
+        round_sampling = _round_sampling(sampling, round_index)
+        ids = [prompts.ids[i] for i in drawn]
+        allocation = allocate(status, ids, config, strategy, state, round_sampling.seed)
+        if chosen.skips:
+            rolled = allocation.rollouts > 0
+            skipped += int((~rolled).sum())
+            drawn, allocation = drawn[rolled], _subset(allocation, rolled)
+        own = drawn.size if own is None else own
         batch = collect(
-            engine,
-            prompts,
-            drawn,
-            allocation.rollouts,
-            _round_sampling(sampling, round_index),
-            config.reward_extraction,
+            engine, prompts, drawn, allocation.rollouts, round_sampling, config.reward_extraction
         )
         rounds.append((drawn, allocation, batch))
         found += int(mixed_groups(batch).sum())
         if found >= config.prompts_per_step:
             break
     drawn, allocation, batch = _concatenate_rounds(rounds)
-    if not refills:
-        return StepRollouts(drawn, allocation, batch, np.ones(drawn.size, dtype=bool), 1)
+    if not chosen.refill:
+        everything = np.ones(drawn.size, dtype=bool)
+        return StepRollouts(drawn, allocation, batch, everything, 1, own, skipped)
     mixed = mixed_groups(batch)
     kept = mixed & (np.cumsum(mixed) <= config.prompts_per_step)
-    return StepRollouts(drawn, allocation, batch, kept, len(rounds))
+    return StepRollouts(drawn, allocation, batch, kept, len(rounds), own, skipped)
+
+
+def _subset(allocation: StepAllocation, rows: np.ndarray) -> StepAllocation:
+    """The allocation of the prompts `rows` (bool[M]) only."""
+    result = allocation.result
+    return StepAllocation(
+        allocation.predicted[rows],
+        AllocationResult(result.rollouts[rows], result.fallback_rollouts, result.knapsack_budget),
+        allocation.seconds,
+    )
+
+
+def zero_variance_shares(batch: RolloutBatch) -> tuple[float, float]:
+    """(all correct, all wrong): the shares of a step's rolled-out groups with no gradient."""
+    groups = batch.successes.size
+    if groups == 0:
+        return 0.0, 0.0
+    rollouts = np.bincount(batch.group_ids.numpy(), minlength=groups)
+    solved = float(np.mean(batch.successes == rollouts))
+    unsolved = float(np.mean(batch.successes == 0))
+    return solved, unsolved
+
+
+def strategy_state(history: Sequence[Mapping[str, float]], strategy: str) -> dict[str, float]:
+    """A stateful strategy's state after the last step (`strategy/<key>` in the metric
+    history, so a resumed run continues it), or its initial state."""
+    initial = get_strategy(strategy).initial_state
+    if history:
+        last = history[-1]
+        if all(f"strategy/{key}" in last for key in initial):
+            return {key: float(last[f"strategy/{key}"]) for key in initial}
+    return dict(initial)
 
 
 def _round_sampling(sampling: SamplingConfig, round_index: int) -> SamplingConfig:
