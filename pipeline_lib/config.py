@@ -164,12 +164,13 @@ StrategyName = Literal[
     # The follow-up allocators (issue 22): compared in compare.sets.followups.
     "variance-proportional",
     "greso",
+    "reinforce-ada",
 ]
 
 
 # The follow-ups comparison (issue 22): knapsack, the uniform doses, the new allocators.
 FOLLOWUP_ARMS = ("knapsack", "uniform-0.5x", "uniform", "uniform-2x")
-FOLLOWUP_ARMS += ("variance-proportional", "greso")
+FOLLOWUP_ARMS += ("variance-proportional", "greso", "reinforce-ada")
 
 
 class TrainConfig(Section):
@@ -186,7 +187,8 @@ class TrainConfig(Section):
         "knapsack-gradient-only (value = P(non-zero gradient)), knapsack-official (the "
         "paper code's rules), knapsack-equal-weight (group_weighting: equal); follow-ups: "
         "variance-proportional (rollouts in proportion to sqrt(p(1-p))), greso (GRESO: "
-        "skip prompts whose latest visits had no reward variance, adaptively; refill).",
+        "skip prompts whose latest visits had no reward variance, adaptively; refill), "
+        "reinforce-ada (resample each prompt until its group is balanced, up to 4 rounds).",
     )
     steps: int = Field(400, gt=0, description="GRPO steps per strategy.")
     prompts_per_step: int = Field(64, gt=0, description="M: prompts drawn per step.")

@@ -265,3 +265,12 @@ def test_greso_logs_its_skips_and_carries_its_exploration_probabilities_step_to_
         np.testing.assert_allclose(np.abs(steps), 0.01)
     rolled = trained["alloc/mean_rollouts"] * trained["rollout/prompts"]
     assert (trained["compute/rollouts"] == rolled).all()  # skipped prompts cost nothing
+
+
+def test_reinforce_ada_trains_on_n_avg_rows_per_prompt_and_pays_for_every_round(setup, tmp_path):
+    result, _, _ = run(setup, tmp_path, strategy="reinforce-ada")
+    trained = result.steps[result.steps.step > 0]
+    # 8 prompts x N_avg 4 rows to the update; 1 to 4 rounds of 4 rollouts per prompt.
+    assert (trained["compute/update_rows"] == 32).all()
+    assert trained["compute/rollouts"].between(32, 128).all()
+    assert (trained["compute/rollouts"] > 32).any()  # the untrained model rarely balances

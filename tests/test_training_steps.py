@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline_lib.allocation import greso
+from pipeline_lib.allocation import greso, reinforce_ada
+from pipeline_lib.allocation.strategies import get_strategy
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.prompts import PromptSet
 from pipeline_lib.rollout.base import Completion, GenerationStats, SamplingConfig
@@ -290,3 +291,45 @@ def test_a_strategys_state_is_read_back_from_the_last_history_record():
     history = [{"step": 3, "strategy/p_easy": 0.47, "strategy/p_hard": 0.52}]
     assert strategy_state(history, "greso") == {"p_easy": 0.47, "p_hard": 0.52}
     assert strategy_state(history, "uniform") == {}
+
+
+def test_reinforce_ada_resamples_unbalanced_prompts_and_trains_on_balanced_groups(pool):
+    """Prompts 0-3 succeed on 0, 4, 2, 0 of every 4 samples: prompt 2 holds 2 successes
+    and 2 failures after one round; the others never do and are sampled 4 rounds."""
+    engine, rollouts = sample(pool, "reinforce-ada")
+    assert engine.calls == [[4, 4, 4, 4], [4, 4, 4], [4, 4, 4], [4, 4, 4]]
+    assert rollouts.rounds == 4 and rollouts.indices.tolist() == [0, 1, 2, 3]
+    assert rollouts.allocation.rollouts.tolist() == [16, 16, 4, 16]
+    assert rollouts.batch.successes.tolist() == [0, 16, 2, 0]
+    groups = rollouts.batch.group_ids.tolist()
+    assert groups == sorted(groups) and groups.count(2) == 4  # grouped by prompt
+    config = get_strategy("reinforce-ada").configure(CONFIG)
+    assert config.normalize_std is False  # the script's A = r - p, no std
+    completions, row_advantages = update_rows(rollouts, config)
+    assert len(completions) == 16  # N_avg rows per prompt, whatever was sampled
+    assert [c.prompt_token_ids[0] for c in completions] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert row_advantages[8:12].tolist() == [0.5, 0.5, -0.5, -0.5]  # p = 2 / 4
+    assert row_advantages[:8].eq(0).all() and row_advantages[12:].eq(0).all()
+    spent = step_compute(rollouts, completions, row_advantages, StepSeconds(1.0, 1.0, 0.0))
+    assert spent["compute/rollouts"] == 52  # every generated rollout counts
+    assert spent["compute/update_rows"] == 16
+    status = record_status(
+        empty_status(), 0, pool.ids[:4], rollouts.allocation, rollouts.batch, CONFIG
+    )
+    assert status["total_rollouts"].tolist() == [16, 16, 4, 16]
+
+
+def test_reinforce_adas_balanced_group_takes_half_successes_and_fills_from_the_other_side():
+    groups = np.array([0] * 10 + [1] * 5 + [2] * 6)
+    won = np.array([1, 0, 1, 1, 1, 0, 0, 1, 0, 0] + [1, 0, 0, 0, 0] + [1] * 6, dtype=bool)
+    rows = reinforce_ada.balanced_rows(groups, won, group_size=4)
+    # Group 0: first 2 successes (rows 0, 2) and first 2 failures (rows 1, 5).
+    assert np.flatnonzero(rows[:10]).tolist() == [0, 1, 2, 5]
+    # Group 1: one success only, 3 failures fill; group 2: successes only, 4 of them.
+    assert rows[10:15].tolist() == [True, True, True, True, False]
+    assert rows[15:].tolist() == [True] * 4 + [False] * 2
+    assert reinforce_ada.balanced(np.array([2, 1, 3]), np.array([4, 4, 4]), 4).tolist() == [
+        True,
+        False,
+        False,
+    ]

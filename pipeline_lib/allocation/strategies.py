@@ -15,6 +15,9 @@ what the training loop needs to know:
   groups with mixed rewards are found or after `max_sampling_rounds` rounds.
   Every round's rollouts count as spent compute; only the kept groups go into
   the update;
+- `balanced_rounds`: the step resamples each prompt until its rollouts hold a balanced
+  group or the rounds run out, and trains on that group (Reinforce-Ada,
+  `training.steps.sample_step`);
 - `skips`, `initial_state`, `adapt`: a strategy that skips prompts before rollout
   (GRESO) gives them 0 rollouts, and carries a state from step to step (its
   exploration probabilities), moved by `adapt` after each step;
@@ -40,6 +43,7 @@ from pipeline_lib.allocation import (
     allocate_rollouts,
     allocate_rollouts_by_tokens,
     greso,
+    reinforce_ada,
     uniform_allocate,
 )
 from pipeline_lib.config import TrainConfig
@@ -83,6 +87,9 @@ class Strategy:
     settings: Mapping[str, Any] = field(default_factory=dict)
     skips: bool = False
     """Prompts it gives 0 rollouts leave the round before rollout (GRESO's skipping)."""
+    balanced_rounds: int = 0
+    """> 0: each prompt is resampled (its allocation per round) for up to this many rounds
+    until it holds a balanced group, which is what it trains on (Reinforce-Ada)."""
     initial_state: Mapping[str, float] = field(default_factory=dict)
     adapt: AdaptFn | None = None
     """How the state moves after each step (kept in the run's metric history as
@@ -111,6 +118,7 @@ def register(
     refill: bool = False,
     settings: Mapping[str, Any] | None = None,
     skips: bool = False,
+    balanced_rounds: int = 0,
     initial_state: Mapping[str, float] | None = None,
     adapt: AdaptFn | None = None,
 ) -> Callable[[AllocateFn], AllocateFn]:
@@ -126,6 +134,7 @@ def register(
             refill,
             dict(settings or {}),
             skips,
+            balanced_rounds,
             dict(initial_state or {}),
             adapt,
         )
@@ -264,3 +273,20 @@ def greso_skip(request: AllocationRequest) -> AllocationResult:
     rollouts = np.full(size, request.config.rollouts_per_prompt, np.int64)
     rollouts[greso.skip_mask(keep, request.rng)] = 0
     return AllocationResult(rollouts, 0, 0)
+
+
+@register(
+    "reinforce-ada",
+    balanced_rounds=reinforce_ada.MAX_ROUNDS,
+    settings={"normalize_std": False},  # scripts/run_reinforce_ada.sh L59
+)
+def reinforce_ada_round(request: AllocationRequest) -> AllocationResult:
+    """Reinforce-Ada (RLHFlow/Reinforce-Ada, `_generate_multi_round_adaptive_downsampling`
+    in verl/trainer/ppo/ray_trainer.py; lines and deviations in
+    `allocation/reinforce_ada.py`): one round's rollouts, N_avg for each prompt still
+    sampled. The rounds (until n // 2 successes and n - n // 2 failures, at most 4) and
+    the balanced group of n = N_avg rows are the loop's part, `training.steps.sample_step`;
+    advantages use every collected reward, without the std division.
+    """
+    size = request.success_rates.size
+    return AllocationResult(np.full(size, request.config.rollouts_per_prompt, np.int64), 0, 0)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline_lib.allocation import AllocationResult, invalidate_short_histories
+from pipeline_lib.allocation import AllocationResult, invalidate_short_histories, reinforce_ada
 from pipeline_lib.allocation.strategies import AllocationRequest, get_strategy
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.grpo import effective_gradient_ratio, group_advantages, group_loss_weights
@@ -184,6 +184,9 @@ class StepRollouts:
     out: all of them unless a skipping strategy (GRESO) skipped some; None: all."""
     skipped: int = 0
     """Prompts a skipping strategy drew and did not roll out (no compute spent)."""
+    kept_rows: np.ndarray | None = None
+    """bool[B]: the rows that go into the update when a strategy trains on part of a
+    group (Reinforce-Ada's balanced group); None: every row of the kept groups."""
 
     @property
     def own_indices(self) -> np.ndarray:
@@ -210,9 +213,11 @@ def sample_step(
     truncation). Otherwise every group is kept (all-equal groups get advantage 0).
     A skipping strategy's prompts with 0 rollouts leave the round before rollout.
     """
+    chosen = get_strategy(strategy)
+    if chosen.balanced_rounds:
+        return _sample_until_balanced(engine, prompts, status, indices, strategy, config, sampling)
     rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]] = []
     drawn, queue, found, skipped, own = indices, refill, 0, 0, None
-    chosen = get_strategy(strategy)
     for round_index in range(config.max_sampling_rounds if chosen.refill else 1):
         if round_index > 0:
             drawn, queue = queue[: config.prompts_per_step], queue[config.prompts_per_step :]
@@ -240,6 +245,82 @@ def sample_step(
     mixed = mixed_groups(batch)
     kept = mixed & (np.cumsum(mixed) <= config.prompts_per_step)
     return StepRollouts(drawn, allocation, batch, kept, len(rounds), own, skipped)
+
+
+def _sample_until_balanced(
+    engine: RolloutEngine,
+    prompts: PromptSet,
+    status: pd.DataFrame,
+    indices: np.ndarray,
+    strategy: str,
+    config: TrainConfig,
+    sampling: SamplingConfig,
+) -> StepRollouts:
+    """Reinforce-Ada's rounds: the prompts without a balanced group yet get another
+    round of their allocation, up to the strategy's `balanced_rounds`; each trains on
+    its balanced group of N_avg rows (`allocation.reinforce_ada`)."""
+    first = allocate(status, [prompts.ids[i] for i in indices], config, strategy)
+    group_size = config.rollouts_per_prompt
+    rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]] = []
+    successes, rollouts = np.zeros(indices.size, np.int64), np.zeros(indices.size, np.int64)
+    active = np.arange(indices.size)
+    for round_index in range(get_strategy(strategy).balanced_rounds):
+        per_prompt = first.rollouts[active]
+        batch = collect(
+            engine,
+            prompts,
+            indices[active],
+            per_prompt,
+            _round_sampling(sampling, round_index),
+            config.reward_extraction,
+        )
+        rounds.append((active, _subset(first, active), batch))
+        successes[active] += batch.successes.astype(np.int64)
+        rollouts[active] += per_prompt
+        active = np.flatnonzero(~reinforce_ada.balanced(successes, rollouts, group_size))
+        if active.size == 0:
+            break
+    batch = _merge_into_groups(rounds, indices.size)
+    result = AllocationResult(rollouts, 0, 0)
+    allocation = StepAllocation(first.predicted, result, first.seconds)
+    rows = reinforce_ada.balanced_rows(batch.group_ids.numpy(), batch.rewards >= 0.5, group_size)
+    kept = np.ones(indices.size, dtype=bool)
+    return StepRollouts(indices, allocation, batch, kept, len(rounds), kept_rows=rows)
+
+
+def _merge_into_groups(
+    rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]], num_prompts: int
+) -> RolloutBatch:
+    """One batch over the step's prompts from rounds that each sampled some of them
+    (`positions` into the step's prompts): a prompt's rows, in generation order, form its
+    group."""
+    groups = torch.cat([torch.from_numpy(pos)[b.group_ids] for pos, _, b in rounds])
+    order = torch.argsort(groups, stable=True)  # group by prompt, each in generation order
+    completions = [c for _, _, b in rounds for c in b.completions]
+    rewards = np.concatenate([b.rewards for _, _, b in rounds])
+    successes, tokens = np.zeros(num_prompts), np.zeros(num_prompts)
+    for positions, _, b in rounds:
+        np.add.at(successes, positions, b.successes)
+        np.add.at(tokens, positions, b.tokens)
+    stats = [b.stats for _, _, b in rounds if b.stats is not None]
+    return RolloutBatch(
+        completions=[completions[i] for i in order.tolist()],
+        group_ids=groups[order],
+        rewards=rewards[order.numpy()],
+        successes=successes,
+        tokens=tokens,
+        stats=_summed_stats(stats),
+    )
+
+
+def _summed_stats(stats: list[GenerationStats]) -> GenerationStats | None:
+    if not stats:
+        return None
+    return GenerationStats(
+        sum(s.num_completions for s in stats),
+        sum(s.num_generated_tokens for s in stats),
+        sum(s.seconds for s in stats),
+    )
 
 
 def _subset(allocation: StepAllocation, rows: np.ndarray) -> StepAllocation:
@@ -308,13 +389,7 @@ def _concatenate_rounds(
         rewards=np.concatenate([b.rewards for b in batches]),
         successes=np.concatenate([b.successes for b in batches]),
         tokens=np.concatenate([b.tokens for b in batches]),
-        stats=GenerationStats(
-            sum(s.num_completions for s in stats),
-            sum(s.num_generated_tokens for s in stats),
-            sum(s.seconds for s in stats),
-        )
-        if stats
-        else None,
+        stats=_summed_stats(stats),
     )
     return np.concatenate([drawn for drawn, _, _ in rounds]), allocation, batch
 
@@ -324,6 +399,8 @@ def update_rows(
 ) -> tuple[list[Completion], torch.Tensor]:
     """The completions of the kept groups and their GRPO advantages float[B_kept]."""
     rows = rollouts.kept[rollouts.batch.group_ids.numpy()]
+    if rollouts.kept_rows is not None:
+        rows = rows & rollouts.kept_rows
     completions = [c for c, keep in zip(rollouts.batch.completions, rows, strict=True) if keep]
     return completions, advantages(rollouts.batch, config)[torch.from_numpy(rows)]
 
