@@ -49,6 +49,7 @@ def test_the_registry_holds_exactly_the_names_params_accepts():
         ("knapsack-official", 48),
         ("knapsack-equal-weight", 48),
         ("variance-proportional", 48),
+        ("reinforce-ada", 48),  # per round; later rounds sample the unbalanced prompts only
     ],
 )
 def test_each_strategy_spends_its_budget_multiple_of_prompts_times_n_avg(strategy, budget):
