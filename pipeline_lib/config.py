@@ -148,8 +148,7 @@ class BootstrapConfig(Section):
 
 
 # The allocation strategies of `pipeline_lib/allocation/strategies.py` (a test keeps the two
-# in step):
-# the four compared by default, then ablations that run only when named.
+# in step): the uniform doses and the compared arms, the ablations, the follow-ups.
 StrategyName = Literal[
     "knapsack",
     "uniform",
@@ -168,9 +167,10 @@ StrategyName = Literal[
 ]
 
 
-# The follow-ups comparison (issue 22): knapsack, the uniform doses, the new allocators.
-FOLLOWUP_ARMS = ("knapsack", "uniform-0.5x", "uniform", "uniform-2x")
-FOLLOWUP_ARMS += ("variance-proportional", "greso", "reinforce-ada")
+# compare.sets: knapsack and the uniform doses, with the follow-up allocators / ablations.
+FOLLOWUP_ARMS = ("knapsack", "uniform-0.5x", "uniform", "uniform-2x", "variance-proportional")
+FOLLOWUP_ARMS += ("greso", "reinforce-ada")
+ABLATION_ARMS = FOLLOWUP_ARMS[:4] + ("knapsack-equal-weight", "knapsack-official")
 
 
 class TrainConfig(Section):
@@ -373,13 +373,13 @@ class CompareConfig(Section):
     depends on the seed only). Every other training setting is the `train` section's."""
 
     arms: tuple[StrategyName, ...] = Field(
-        ("knapsack", "uniform", "uniform-2x", "dynamic-sampling"),
+        ("knapsack", "uniform-0.5x", "uniform", "uniform-2x", "dynamic-sampling"),
         min_length=1,
         description="Strategies compared (pipeline_lib/allocation/strategies.py); the budget "
         "multiplier is the strategy's own (uniform-2x: 2x the rollouts of the others).",
     )
     seeds: tuple[int, ...] = Field(
-        (0, 1, 2),
+        (0, 1, 2, 3, 4),
         min_length=1,
         description="Seeds run for every arm (sampling, prompt order); a run of one arm "
         "pairs with the other arms' runs of the same seed. Adding a seed runs only it.",
@@ -394,7 +394,7 @@ class CompareConfig(Section):
         "uniform", description="The arm every other arm is compared against (one of `arms`)."
     )
     sets: dict[str, tuple[StrategyName, ...]] = Field(
-        {"followups": FOLLOWUP_ARMS},
+        {"followups": FOLLOWUP_ARMS, "ablations": ABLATION_ARMS},
         description="Further comparisons by name, each a list of arms run with the same "
         "seeds, steps, baseline and primary metric (`make compare SET=<name>`); runs "
         "already finished by any set are reused, not retrained.",

@@ -29,10 +29,10 @@ from tests.conftest import REPO_ROOT
 INPUTS = RunInputs("models/start", "s1", "train.parquet", "heldout.parquet", "d1", "c1")
 
 
-def test_compare_defaults_are_four_arms_three_seeds_against_uniform():
+def test_compare_defaults_are_the_uniform_doses_knapsack_and_dapo_over_five_seeds():
     compare = parse_config({}).compare
-    assert compare.arms == ("knapsack", "uniform", "uniform-2x", "dynamic-sampling")
-    assert compare.seeds == (0, 1, 2) and compare.baseline == "uniform"
+    assert compare.arms == ("knapsack", "uniform-0.5x", "uniform", "uniform-2x", "dynamic-sampling")
+    assert compare.seeds == (0, 1, 2, 3, 4) and compare.baseline == "uniform"
     assert compare.deployment is None
 
 
@@ -203,7 +203,7 @@ def test_the_readme_table_is_rewritten_between_the_markers_only():
     assert summary["arms"]["knapsack"]["accuracy_mean"] > 0
 
 
-@pytest.mark.parametrize("comparison_set", ["default", "followups"])
+@pytest.mark.parametrize("comparison_set", ["default", "followups", "ablations"])
 def test_readme_comparison_block_is_generated_from_the_committed_compare_json(comparison_set):
     """The README's table equals what ops/compare_table.py makes of metrics/compare.json
     (metrics/compare_<set>.json for another set; the placeholder while none is
