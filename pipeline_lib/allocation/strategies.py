@@ -188,11 +188,17 @@ def knapsack(request: AllocationRequest) -> AllocationResult:
             max_rollouts=config.max_rollouts,
             unseen_rollouts=config.rollouts_per_prompt,
         )
+    return _policy(request, config.allocation_rules, config.rollout_value)
+
+
+def _policy(request: AllocationRequest, rules: str, value: str) -> AllocationResult:
+    """`allocate_rollouts` (knapsack's floors, cap and fallback) with these rules and value."""
+    config = request.config
     return allocate_rollouts(
         request.success_rates,
         request.budget_rollouts,
         strategy="knapsack",
-        rules=config.allocation_rules,
+        rules=rules,
         min_rollouts=config.min_rollouts,
         max_rollouts=config.max_rollouts,
         unseen_rollouts=config.rollouts_per_prompt,
@@ -200,7 +206,7 @@ def knapsack(request: AllocationRequest) -> AllocationResult:
         positive_rollouts=config.solved_rollouts,
         fallback_confidence=config.fallback_confidence,
         cost_estimate=config.fallback_cost,
-        value=config.rollout_value,
+        value=value,
     )
 
 
@@ -215,21 +221,7 @@ def variance_proportional(request: AllocationRequest) -> AllocationResult:
     every strategy sees, and the integer optimum is exact. Exact rules always (the
     official rules know only V); the token budget is not offered.
     """
-    config = request.config
-    return allocate_rollouts(
-        request.success_rates,
-        request.budget_rollouts,
-        strategy="knapsack",
-        rules="exact",
-        min_rollouts=config.min_rollouts,
-        max_rollouts=config.max_rollouts,
-        unseen_rollouts=config.rollouts_per_prompt,
-        negative_rollouts=config.unsolved_rollouts,
-        positive_rollouts=config.solved_rollouts,
-        fallback_confidence=config.fallback_confidence,
-        cost_estimate=config.fallback_cost,
-        value="variance",
-    )
+    return _policy(request, "exact", "variance")
 
 
 @register("uniform-4x", budget_multiplier=4)
