@@ -72,12 +72,12 @@ run: $(STAMP)
 # Allocation strategies compared: params.yaml's `compare` arms x seeds (comparison/dvc.yaml,
 # outside `make run`'s targets), then the README's table regenerated from metrics/compare.json.
 # Finished arm x seed runs are reused; commits nothing (`git diff` shows what changed).
-# SET=<name>: the arms of params.yaml's compare.sets.<name> instead (stage compare-<name>,
+# SET=<name>: the arms of params.yaml's compare.sets.<name> instead (comparison/<name>/dvc.yaml,
 # metrics/compare_<name>.json, its own README table).
 SET ?= default
-COMPARE_STAGE = $(if $(filter default,$(SET)),compare,compare-$(SET))
+COMPARE_DVC = $(if $(filter default,$(SET)),comparison/dvc.yaml,comparison/$(SET)/dvc.yaml)
 compare: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- dvc repro comparison/dvc.yaml:$(COMPARE_STAGE)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ops.with_prefect_server -- dvc repro $(COMPARE_DVC)
 	$(BIN)/python -m ops.compare_table --set $(SET)
 
 # Validate a preset (every preset without PRESET=): keys, values, data and model ids or

@@ -9,12 +9,16 @@ import yaml
 
 from pipeline_lib.import_graph import ROOT, closure, import_graph, module_files
 
-# comparison/dvc.yaml holds the `compare` stage (outside `dvc repro`'s default target);
-# its paths are relative to the repository root (wdir: ..), like the root file's.
-STAGES = (
-    yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    | yaml.safe_load((ROOT / "comparison" / "dvc.yaml").read_text())["stages"]
-)
+# comparison/dvc.yaml holds the `compare` stage (outside `dvc repro`'s default target),
+# comparison/<set>/dvc.yaml the other comparison sets; their paths are relative to the
+# repository root (wdir), like the root file's.
+STAGE_FILES = [ROOT / "dvc.yaml", ROOT / "comparison" / "dvc.yaml"]
+STAGE_FILES += sorted((ROOT / "comparison").glob("*/dvc.yaml"))  # compare.sets' stages
+STAGES = {
+    name: stage
+    for path in STAGE_FILES
+    for name, stage in yaml.safe_load(path.read_text())["stages"].items()
+}
 # Files a stage's flow reads besides params.yaml and its modules.
 READS = {"evaluate": ["metrics/train.json"]}
 
@@ -53,3 +57,18 @@ def test_the_check_sees_lazy_imports_and_package_inits():
     assert "pipeline_lib.rollout.vllm_engine" in train
     assert {"pipeline_lib", "pipeline_lib.rollout", "tasks", "flows"} <= train
     assert not covered("pipeline_lib/rewards", ["pipeline_lib/evaluation/metrics.py"])
+
+
+def test_each_comparison_set_has_its_own_stage_file_and_the_default_file_runs_one_stage():
+    from pipeline_lib.config import parse_config
+
+    sets = parse_config({}).compare.sets
+    default = yaml.safe_load((ROOT / "comparison" / "dvc.yaml").read_text())["stages"]
+    assert list(default) == ["compare"]  # `dvc repro comparison/dvc.yaml` runs no other set
+    for name in sets:
+        stage = STAGES[f"compare-{name}"]
+        assert stage["wdir"] == "../.."
+        assert stage["cmd"] == f"python -m flows.compare -S compare.set={name}"
+        metrics = [next(iter(item)) for item in stage["metrics"]]
+        assert metrics == [f"metrics/compare_{name}.json"]
+        assert "outs" not in stage  # the runs folder is the default stage's output
