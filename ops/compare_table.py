@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from pipeline_lib.comparison.table import compare_markdown_table, positive_control_text
+from pipeline_lib.config import comparison_result_name
 
 START, END = "<!-- compare-table:start -->", "<!-- compare-table:end -->"
 
@@ -33,8 +34,7 @@ def markers(comparison_set: str) -> tuple[str, str]:
 
 
 def compare_json_path(comparison_set: str) -> Path:
-    name = "compare" if comparison_set == "default" else f"compare_{comparison_set}"
-    return Path("metrics") / f"{name}.json"
+    return Path("metrics") / f"{comparison_result_name(comparison_set)}.json"
 
 
 def table_block(compare_json: Path) -> str:

@@ -165,7 +165,6 @@ StrategyName = Literal[
 ]
 
 
-# compare.sets: knapsack and the uniform doses, with the follow-up allocators / ablations.
 FOLLOWUP_ARMS = ("knapsack", "uniform-0.5x", "uniform", "uniform-2x", "variance-proportional")
 FOLLOWUP_ARMS += ("greso", "reinforce-ada")
 ABLATION_ARMS = FOLLOWUP_ARMS[:4] + ("knapsack-equal-weight", "knapsack-official")
@@ -364,6 +363,11 @@ class EvaluateConfig(Section):
         return self
 
 
+def comparison_result_name(comparison_set: str) -> str:
+    """`compare` for the default set, `compare_<set>` otherwise: metrics/<name>.json."""
+    return "compare" if comparison_set == "default" else f"compare_{comparison_set}"
+
+
 class CompareConfig(Section):
     """Stage `compare`: allocation strategies (arms) trained with several seeds each, from
     the same start policy and data, at each strategy's own budget (the registry's
@@ -393,14 +397,13 @@ class CompareConfig(Section):
     )
     sets: dict[str, tuple[StrategyName, ...]] = Field(
         {"followups": FOLLOWUP_ARMS, "ablations": ABLATION_ARMS},
-        description="Further comparisons by name, each a list of arms run with the same "
-        "seeds, steps, baseline and primary metric (`make compare SET=<name>`); runs "
-        "already finished by any set are reused, not retrained.",
+        description="Further comparisons by name (`make compare SET=<name>`): same seeds, "
+        "steps, baseline, primary metric; finished runs of any set are reused.",
     )
     set: str = Field(
         "default",
-        description="The arms this comparison runs: `default` = `arms` (metrics/compare.json), "
-        "or a name in `sets` (metrics/compare_<name>.json and metrics/compare_<name>/).",
+        description="The arms run: `default` = `arms` (metrics/"
+        "compare.json), or a name in `sets` (metrics/compare_<name>.json).",
     )
     primary_metric: Literal["heldout_auc", "final_accuracy"] = Field(
         "heldout_auc",
@@ -456,8 +459,7 @@ class CompareConfig(Section):
 
     @property
     def result_name(self) -> str:
-        """`compare` for the default set, `compare_<set>` otherwise: metrics/<name>.json."""
-        return "compare" if self.set == "default" else f"compare_{self.set}"
+        return comparison_result_name(self.set)
 
 
 class TrackingConfig(Section):

@@ -212,15 +212,12 @@ def _train_step(
 def _strategy_metrics(
     strategy: str, carried: dict[str, float], epoch: int, rollouts: StepRollouts
 ) -> dict[str, float]:
-    """A skipping strategy's prompts skipped this step and its state after it (as
+    """A skipping strategy's prompts skipped this step, a stateful one's state after it (as
     `strategy/<key>`, which the next step reads back); nothing for the others."""
     chosen = get_strategy(strategy)
-    if not chosen.skips:
-        return {}
-    metrics = {"rollout/skipped_prompts": float(rollouts.skipped)}
+    metrics = {"rollout/skipped_prompts": float(rollouts.skipped)} if chosen.skips else {}
     if chosen.adapt is not None:
-        shares = zero_variance_shares(rollouts.batch)
-        moved = chosen.adapt(carried, epoch, *shares)
+        moved = chosen.adapt(carried, epoch, *zero_variance_shares(rollouts.batch))
         metrics |= {f"strategy/{key}": value for key, value in moved.items()}
     return metrics
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline_lib.allocation import AllocationResult, invalidate_short_histories, reinforce_ada
-from pipeline_lib.allocation.strategies import AllocationRequest, get_strategy
+from pipeline_lib.allocation.strategies import AllocationRequest, Strategy, get_strategy
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.grpo import effective_gradient_ratio, group_advantages, group_loss_weights
 from pipeline_lib.prompts import PromptSet
@@ -105,17 +105,17 @@ def allocate(
     predicted = invalidate_short_histories(
         predicted, reward_counts(status, ids), config.buffer_length
     )
-    solved, unsolved = visit_streaks(status, ids)
     request = AllocationRequest(
         success_rates=predicted,
         tokens_per_rollout=expected_tokens(status, ids, default=config.max_new_tokens),
         budget_rollouts=chosen.budget_rollouts(config),
         config=config,
-        solved_streaks=solved,
-        unsolved_streaks=unsolved,
         state=dict(chosen.initial_state if state is None else state),
-        rng=np.random.default_rng([0 if seed is None else seed, 11]),
     )
+    if chosen.skips:  # only a skipping strategy reads visit streaks and draws
+        solved, unsolved = visit_streaks(status, ids)
+        rng = np.random.default_rng([0 if seed is None else seed, 11])
+        request = replace(request, solved_streaks=solved, unsolved_streaks=unsolved, rng=rng)
     return StepAllocation(predicted, chosen.allocate(request), time.perf_counter() - started)
 
 
@@ -215,7 +215,7 @@ def sample_step(
     """
     chosen = get_strategy(strategy)
     if chosen.balanced_rounds:
-        return _sample_until_balanced(engine, prompts, status, indices, strategy, config, sampling)
+        return _sample_until_balanced(engine, prompts, status, indices, chosen, config, sampling)
     rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]] = []
     drawn, queue, found, skipped, own = indices, refill, 0, 0, None
     for round_index in range(config.max_sampling_rounds if chosen.refill else 1):
@@ -252,19 +252,19 @@ def _sample_until_balanced(
     prompts: PromptSet,
     status: pd.DataFrame,
     indices: np.ndarray,
-    strategy: str,
+    strategy: Strategy,
     config: TrainConfig,
     sampling: SamplingConfig,
 ) -> StepRollouts:
     """Reinforce-Ada's rounds: the prompts without a balanced group yet get another
     round of their allocation, up to the strategy's `balanced_rounds`; each trains on
     its balanced group of N_avg rows (`allocation.reinforce_ada`)."""
-    first = allocate(status, [prompts.ids[i] for i in indices], config, strategy)
+    first = allocate(status, [prompts.ids[i] for i in indices], config, strategy.name)
     group_size = config.rollouts_per_prompt
     rounds: list[tuple[np.ndarray, StepAllocation, RolloutBatch]] = []
     successes, rollouts = np.zeros(indices.size, np.int64), np.zeros(indices.size, np.int64)
     active = np.arange(indices.size)
-    for round_index in range(get_strategy(strategy).balanced_rounds):
+    for round_index in range(strategy.balanced_rounds):
         per_prompt = first.rollouts[active]
         batch = collect(
             engine,
@@ -324,7 +324,7 @@ def _summed_stats(stats: list[GenerationStats]) -> GenerationStats | None:
 
 
 def _subset(allocation: StepAllocation, rows: np.ndarray) -> StepAllocation:
-    """The allocation of the prompts `rows` (bool[M]) only."""
+    """The allocation of the prompts `rows` (a bool[M] mask or indices) only."""
     result = allocation.result
     return StepAllocation(
         allocation.predicted[rows],
