@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -99,6 +100,22 @@ def run_project(folder: Path) -> Path:
     return project
 
 
+@contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """While it lasts, started children get SIGINT's default action even where this process
+    ignores it: a shell's background job (`nohup pytest ... &`) inherits SIGINT = SIG_IGN,
+    exec keeps an ignored signal ignored, and the SIGINT cases would then time out with
+    nothing interrupted. A handler (not SIG_IGN) is reset to the default by exec."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
+
+
 def interrupt(
     target: str, moment: str, sig: signal.Signals, folder: Path
 ) -> tuple[list[str], float]:
@@ -110,14 +127,15 @@ def interrupt(
     before = {p.pid for p in psutil.process_iter()}
     log = (folder / f"make-{target}.log").open("w")
     # STAMP= : the environment exists already; never (re)install from a test.
-    make = subprocess.Popen(
-        ["make", target, "STAMP="],
-        cwd=cwd,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with sigint_not_ignored():
+        make = subprocess.Popen(
+            ["make", target, "STAMP="],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     waits: dict[str, Callable[[], None]] = {
         "server starting": lambda: wait_for_process(launch_id, "server start", 120),
         "worker running": lambda: (
