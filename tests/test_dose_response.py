@@ -111,10 +111,10 @@ def test_positive_control_needs_both_contrasts_above_two_points_with_intervals_a
     assert positive_control({"uniform": {0: 0.5}, "uniform-2x": {0: 0.6}}) is None
 
 
-def _runs(primary, accuracy):
+def _runs(primary, accuracy, rollouts=10):
     seeds = tuple(range(len(primary)))
     curve = pd.DataFrame(
-        {"step": [0, 10], "accuracy": [0.5, 0.6], "rollouts": [0, 10], "tokens": [0, 5],
+        {"step": [0, 10], "accuracy": [0.5, 0.6], "rollouts": [0, rollouts], "tokens": [0, 5],
          "seconds": [0.0, 1.0]}
     )  # fmt: skip
     return ArmRuns(
@@ -131,7 +131,7 @@ def test_compare_summary_carries_per_seed_primary_values_the_control_and_equival
         "knapsack": _runs([0.67, 0.66, 0.68], 0.6),
         "uniform-0.5x": _runs([0.60, 0.58, 0.61], 0.5),
         "uniform": _runs([0.64, 0.62, 0.66], 0.55),
-        "uniform-2x": _runs([0.70, 0.70, 0.70], 0.6),
+        "uniform-2x": _runs([0.70, 0.70, 0.70], 0.6, rollouts=20),
     }
     summary = compare_summary("uniform", arms, "heldout_auc")
     assert summary["primary_metric"] == "heldout_auc"
@@ -140,9 +140,14 @@ def test_compare_summary_carries_per_seed_primary_values_the_control_and_equival
     assert summary["arms"]["knapsack"]["uniform_equivalent"]["multiplier"] == pytest.approx(2**0.5)
     assert "uniform_equivalent" not in summary["arms"]["uniform-2x"]  # a dose, not an arm
     table = compare_markdown_table(summary).splitlines()
-    assert table[0].endswith("| heldout_auc (95 % CI) | uniform-equivalent compute (95 % CI) |")
+    assert table[0].endswith(
+        "| heldout_auc (95 % CI) | rollouts spent (x uniform) | uniform-equivalent compute (95 % CI) |"
+    )
     knapsack = next(line for line in table if line.startswith("| knapsack "))
-    assert knapsack.endswith("| 1.41x (1.41x to 1.41x) |")
+    spent = summary["arms"]["knapsack"]["rollouts"] / summary["arms"]["uniform"]["rollouts"]
+    assert knapsack.endswith(f"| {spent:.2f}x | 1.41x (1.41x to 1.41x) |")
+    double = next(line for line in table if line.startswith("| uniform-2x "))
+    assert "| 2.00x | (dose) |" in double  # what it spent, beside what it is worth
     assert "the testbed is sensitive" in positive_control_text(summary)
     assert "predates the positive control" in positive_control_text(
         compare_summary("uniform", arms)

@@ -15,8 +15,14 @@ COMPARE_COLUMNS = (
     "effective-gradient ratio",
     "compute to match {baseline}: rollouts / tokens / seconds",
 )
-# With a pre-registered primary metric (compare.json's `primary_metric`): two more.
-PRIMARY_COLUMNS = ("{primary_metric} (95 % CI)", "uniform-equivalent compute (95 % CI)")
+# With a pre-registered primary metric (compare.json's `primary_metric`): three more. What
+# an arm spent sits beside what it is worth: an arm that spends 2x and is worth 2x is no
+# better per rollout than uniform.
+PRIMARY_COLUMNS = (
+    "{primary_metric} (95 % CI)",
+    "rollouts spent (x {baseline})",
+    "uniform-equivalent compute (95 % CI)",
+)
 # With compare.json's `hardest_level` (a secondary): one more.
 HARDEST_COLUMN = ("level {hardest_level} accuracy (95 % CI)",)
 
@@ -28,6 +34,7 @@ def _ratio(value: float | None) -> str:
 def compare_rows(summary: Mapping) -> list[list[str]]:
     """One row per arm of a compare.json dict, the numbers as the README shows them."""
     rows = []
+    baseline_rollouts = summary["arms"][summary["baseline"]]["rollouts"]
     for name, arm in summary["arms"].items():
         accuracy = f"{arm['accuracy_mean']:.3f}"
         if arm["accuracy_ci"] is not None:
@@ -56,7 +63,11 @@ def compare_rows(summary: Mapping) -> list[list[str]]:
             compute,
         ]
         if "primary_metric" in summary:
-            row += [_mean_ci(arm.get("primary_mean"), arm.get("primary_ci")), _equivalent(arm)]
+            row += [
+                _mean_ci(arm.get("primary_mean"), arm.get("primary_ci")),
+                _ratio(arm["rollouts"] / baseline_rollouts if baseline_rollouts else None),
+                _equivalent(arm),
+            ]
         if "hardest_level" in summary:
             per_seed = arm["hardest_level_accuracy"]
             row.append(_mean_ci(sum(per_seed) / len(per_seed), arm["hardest_level_accuracy_ci"]))
