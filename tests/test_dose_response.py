@@ -141,7 +141,8 @@ def test_compare_summary_carries_per_seed_primary_values_the_control_and_equival
     assert "uniform_equivalent" not in summary["arms"]["uniform-2x"]  # a dose, not an arm
     table = compare_markdown_table(summary).splitlines()
     assert table[0].endswith(
-        "| heldout_auc (95 % CI) | rollouts spent (x uniform) | uniform-equivalent compute (95 % CI) |"
+        "| heldout_auc (95 % CI) | rollouts spent (x uniform) "
+        "| uniform-equivalent compute (95 % CI) |"
     )
     knapsack = next(line for line in table if line.startswith("| knapsack "))
     spent = summary["arms"]["knapsack"]["rollouts"] / summary["arms"]["uniform"]["rollouts"]
